@@ -1,0 +1,732 @@
+//! Configuration: the TOML file, its defaults (all in this module) and validation.
+//!
+//! Contract: [`Config::load`] either returns a config that the rest of the relay can use without
+//! further checks (certificates load, users point at real accounts, sizes are sane), or a
+//! [`ConfigError`] whose one-line `Display` names the file, the line, the TOML path of the field
+//! and what is allowed there. Relative paths are resolved against the working directory.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name used in the banner, the EHLO reply and `Received:` headers.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default, rename = "user")]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default, rename = "account")]
+    pub accounts: Vec<AccountConfig>,
+    /// Where the config was read from; set by [`Config::load`], used in messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain SMTP only.
+    None,
+    /// Plain SMTP that offers STARTTLS.
+    Starttls,
+    /// TLS from the first byte (port 465 style).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// AUTH is not offered; only `allowed_networks` may send.
+    Off,
+    /// AUTH is offered; clients in `allowed_networks` may also send without it.
+    Optional,
+    /// Every client must authenticate, whatever its address.
+    Required,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub address: SocketAddr,
+    #[serde(default = "default_tls_mode")]
+    pub tls: TlsMode,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    #[serde(default = "default_auth_mode")]
+    pub auth: AuthMode,
+    /// Allow AUTH PLAIN/LOGIN before TLS (passwords cross the LAN in clear).
+    #[serde(default)]
+    pub plaintext_auth: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Networks whose clients may send without AUTH.
+    #[serde(default = "default_allowed_networks")]
+    pub allowed_networks: Vec<IpNet>,
+    #[serde(default = "default_max_message_size", deserialize_with = "de_size")]
+    pub max_message_size: u64,
+    #[serde(default = "default_max_recipients")]
+    pub max_recipients: usize,
+    /// Concurrent SMTP connections over all listeners.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long to wait for a command (RFC 5321 §4.5.3.2 suggests 5 minutes).
+    #[serde(default = "default_command_timeout", deserialize_with = "de_duration")]
+    pub command_timeout: Duration,
+    /// How long to wait for each block of message data (RFC 5321: 3 minutes).
+    #[serde(default = "default_data_timeout", deserialize_with = "de_duration")]
+    pub data_timeout: Duration,
+    /// Replies of 400 or more before the session is closed with 421.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u32,
+    /// Delay before answering a failed AUTH (slows down password guessing).
+    #[serde(default = "default_auth_failure_delay", deserialize_with = "de_duration")]
+    pub auth_failure_delay: Duration,
+    /// Failed AUTH attempts from one address before it is refused for `auth_ban_time`.
+    #[serde(default = "default_max_auth_failures")]
+    pub max_auth_failures: u32,
+    #[serde(default = "default_auth_ban_time", deserialize_with = "de_duration")]
+    pub auth_ban_time: Duration,
+    /// On shutdown, how long sessions may go on before they get `421 4.3.0`.
+    #[serde(default = "default_shutdown_grace", deserialize_with = "de_duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// An argon2 PHC string, as printed by `exorelay hash-password`.
+    pub password_hash: String,
+    /// The account this device's mail goes out through (default: the first account).
+    pub account: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueConfig {
+    #[serde(default = "default_queue_dir")]
+    pub dir: PathBuf,
+    /// How long a message may stay queued before it is given up.
+    #[serde(default = "default_max_age", deserialize_with = "de_duration")]
+    pub max_age: Duration,
+    /// First retry delay after a temporary failure; doubles on each attempt.
+    #[serde(default = "default_retry_initial", deserialize_with = "de_duration")]
+    pub retry_initial: Duration,
+    /// Upper bound of the retry delay.
+    #[serde(default = "default_retry_max", deserialize_with = "de_duration")]
+    pub retry_max: Duration,
+    /// Messages in the spool above which new mail is refused with `452 4.3.1`.
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountKind {
+    /// Write each message into a local folder (quickstart, testing, archiving).
+    Capture,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccountConfig {
+    pub name: String,
+    pub kind: AccountKind,
+    /// `capture`: the folder messages are written to.
+    pub dir: Option<PathBuf>,
+    /// Deliveries of this account that may run at once.
+    #[serde(default = "default_account_connections")]
+    pub max_connections: usize,
+}
+
+// ---- defaults: the one place they live ----
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+fn default_tls_mode() -> TlsMode {
+    TlsMode::None
+}
+fn default_auth_mode() -> AuthMode {
+    AuthMode::Optional
+}
+fn default_allowed_networks() -> Vec<IpNet> {
+    vec![
+        IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(127, 0, 0, 0), 8)),
+        IpNet::from(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
+    ]
+}
+fn default_max_message_size() -> u64 {
+    35 * 1024 * 1024
+}
+fn default_max_recipients() -> usize {
+    500
+}
+fn default_max_connections() -> usize {
+    200
+}
+fn default_command_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_data_timeout() -> Duration {
+    Duration::from_secs(180)
+}
+fn default_max_errors() -> u32 {
+    10
+}
+fn default_auth_failure_delay() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_auth_failures() -> u32 {
+    5
+}
+fn default_auth_ban_time() -> Duration {
+    Duration::from_secs(15 * 60)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_queue_dir() -> PathBuf {
+    PathBuf::from("var/spool")
+}
+fn default_max_age() -> Duration {
+    Duration::from_secs(5 * 24 * 3600)
+}
+fn default_retry_initial() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_retry_max() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_max_messages() -> usize {
+    100_000
+}
+fn default_account_connections() -> usize {
+    2
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            allowed_networks: default_allowed_networks(),
+            max_message_size: default_max_message_size(),
+            max_recipients: default_max_recipients(),
+            max_connections: default_max_connections(),
+            command_timeout: default_command_timeout(),
+            data_timeout: default_data_timeout(),
+            max_errors: default_max_errors(),
+            auth_failure_delay: default_auth_failure_delay(),
+            max_auth_failures: default_max_auth_failures(),
+            auth_ban_time: default_auth_ban_time(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            dir: default_queue_dir(),
+            max_age: default_max_age(),
+            retry_initial: default_retry_initial(),
+            retry_max: default_retry_max(),
+            max_messages: default_max_messages(),
+        }
+    }
+}
+
+// ---- value parsers ----
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(s.trim()).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?} ({e}); write a number and a unit, like \"30s\", \"5m\", \"2h\" or \"5d\""
+        ))
+    })
+}
+
+fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) => Ok(n),
+        Raw::Text(s) => parse_size(&s).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses sizes like `"35MB"`, `"512 KiB"` or `"1048576"`. K, M and G are powers of 1024 in
+/// either spelling, as Exchange means them (its "35 MB" limit is 35 MiB).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || {
+        format!("invalid size {s:?}; write a whole number and a unit, like \"35MB\", \"512KB\" or \"1GB\"")
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1024,
+        "M" | "MB" | "MIB" => 1024 * 1024,
+        "G" | "GB" | "GIB" => 1024 * 1024 * 1024,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
+
+// ---- errors ----
+
+/// A configuration problem, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// TOML path of the offending field, e.g. `listener[0].cert`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Debug, Clone)]
+enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn path_string(segs: &[Seg]) -> String {
+    let mut s = String::new();
+    for seg in segs {
+        match seg {
+            Seg::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            Seg::Index(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
+/// Line (1-based) at byte offset `pos` of `text`.
+fn line_at(text: &str, pos: usize) -> usize {
+    text.as_bytes()[..pos.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Finds the line of the value at `segs`, or of its closest existing parent.
+fn line_of(text: &str, segs: &[Seg]) -> Option<usize> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let root_value = toml::de::DeValue::Table(root.into_inner());
+    let mut cur = &root_value;
+    let mut best: Option<usize> = None;
+    for seg in segs {
+        let next = match seg {
+            Seg::Key(k) => cur.get(k.as_str()),
+            Seg::Index(i) => cur.get(*i),
+        };
+        match next {
+            Some(spanned) => {
+                best = Some(line_at(text, spanned.span().start));
+                cur = spanned.get_ref();
+            }
+            None => break,
+        }
+    }
+    best
+}
+
+/// Builds errors for one file; keeps the text so it can find lines.
+struct Located<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+impl Located<'_> {
+    fn err(&self, segs: &[Seg], message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: line_of(self.text, segs),
+            field: if segs.is_empty() { None } else { Some(path_string(segs)) },
+            message: message.into(),
+        }
+    }
+}
+
+fn key(k: &str) -> Seg {
+    Seg::Key(k.to_string())
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            field: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text`; `path` is only used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let here = Located { file: path, text };
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            line: e.span().map(|s| line_at(text, s.start)),
+            field: None,
+            message: first_line(e.message()),
+        })?;
+        let mut config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let segs: Vec<Seg> = e
+                .path()
+                .iter()
+                .filter_map(|s| match s {
+                    serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
+                    serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
+                    serde_path_to_error::Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+                    serde_path_to_error::Segment::Unknown => None,
+                })
+                .collect();
+            let inner = e.inner();
+            let line = inner
+                .span()
+                .map(|s| line_at(text, s.start))
+                .or_else(|| line_of(text, &segs));
+            ConfigError {
+                file: path.to_path_buf(),
+                line,
+                field: if segs.is_empty() { None } else { Some(path_string(&segs)) },
+                message: first_line(inner.message()),
+            }
+        })?;
+        config.source = path.to_path_buf();
+        config.validate(&here)?;
+        Ok(config)
+    }
+
+    fn validate(&self, here: &Located<'_>) -> Result<(), ConfigError> {
+        let h = &self.hostname;
+        if h.is_empty() || h.len() > 255 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+            return Err(here.err(
+                &[key("hostname")],
+                format!("{h:?} is not a host name; use letters, digits, '-' and '.', like \"relay.example.lan\""),
+            ));
+        }
+
+        if self.listeners.is_empty() {
+            return Err(here.err(
+                &[],
+                "no [[listener]] is configured; add one, e.g. [[listener]] address = \"0.0.0.0:2525\"",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = |k: &str| vec![key("listener"), Seg::Index(i), key(k)];
+            if !seen.insert(l.address) {
+                return Err(here.err(&at("address"), format!("{} is used by two listeners", l.address)));
+            }
+            if l.tls != TlsMode::None {
+                for (name, file) in [("cert", &l.cert), ("key", &l.key)] {
+                    let Some(file) = file else {
+                        return Err(here.err(
+                            &at("tls"),
+                            format!("tls = \"{}\" needs `{name}` (a PEM file)", tls_name(l.tls)),
+                        ));
+                    };
+                    if !file.is_file() {
+                        return Err(here.err(&at(name), format!("file {:?} not found", file.display().to_string())));
+                    }
+                }
+                if let Err(e) = crate::tls::load_server_config(l) {
+                    return Err(here.err(&at("cert"), e.to_string()));
+                }
+            }
+            if l.auth == AuthMode::Required && self.users.is_empty() {
+                return Err(here.err(
+                    &at("auth"),
+                    "auth = \"required\" but no [[user]] is configured, so nobody could send; add a [[user]] or set auth = \"optional\"",
+                ));
+            }
+        }
+
+        for (i, net) in self.relay.allowed_networks.iter().enumerate() {
+            if net.prefix_len() == 0 {
+                return Err(here.err(
+                    &[key("relay"), key("allowed_networks"), Seg::Index(i)],
+                    format!("{net} would let anyone send through this relay (an open relay); list only your LAN's networks"),
+                ));
+            }
+        }
+        let relay_at = |k: &str| vec![key("relay"), key(k)];
+        if self.relay.max_message_size < 1024 {
+            return Err(here.err(&relay_at("max_message_size"), "must be at least 1KB"));
+        }
+        if self.relay.max_recipients == 0 {
+            return Err(here.err(&relay_at("max_recipients"), "must be at least 1"));
+        }
+        if self.relay.max_connections == 0 {
+            return Err(here.err(&relay_at("max_connections"), "must be at least 1"));
+        }
+        if self.relay.max_errors == 0 {
+            return Err(here.err(&relay_at("max_errors"), "must be at least 1"));
+        }
+        if self.queue.retry_initial.is_zero() || self.queue.retry_max < self.queue.retry_initial {
+            return Err(here.err(
+                &[key("queue"), key("retry_max")],
+                "retry_initial must be above zero and retry_max at least retry_initial",
+            ));
+        }
+        if self.queue.max_messages == 0 {
+            return Err(here.err(&[key("queue"), key("max_messages")], "must be at least 1"));
+        }
+
+        if self.accounts.is_empty() {
+            return Err(here.err(
+                &[],
+                "no [[account]] is configured; add one, e.g. [[account]] name = \"local\" kind = \"capture\" dir = \"var/capture\"",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, a) in self.accounts.iter().enumerate() {
+            let at = |k: &str| vec![key("account"), Seg::Index(i), key(k)];
+            if a.name.is_empty() {
+                return Err(here.err(&at("name"), "must not be empty"));
+            }
+            if !names.insert(a.name.as_str()) {
+                return Err(here.err(&at("name"), format!("account name {:?} is used twice; names must be unique", a.name)));
+            }
+            if a.max_connections == 0 {
+                return Err(here.err(&at("max_connections"), "must be at least 1"));
+            }
+            match a.kind {
+                AccountKind::Capture => {
+                    if a.dir.is_none() {
+                        return Err(here.err(&at("kind"), "kind = \"capture\" needs `dir`, the folder to write messages to"));
+                    }
+                }
+            }
+        }
+
+        let mut users = HashSet::new();
+        for (i, u) in self.users.iter().enumerate() {
+            let at = |k: &str| vec![key("user"), Seg::Index(i), key(k)];
+            if u.name.is_empty() {
+                return Err(here.err(&at("name"), "must not be empty"));
+            }
+            if !users.insert(u.name.as_str()) {
+                return Err(here.err(&at("name"), format!("user {:?} is defined twice", u.name)));
+            }
+            if argon2::PasswordHash::new(&u.password_hash).is_err() {
+                return Err(here.err(
+                    &at("password_hash"),
+                    "not a password hash; create one with `exorelay hash-password` and paste its output",
+                ));
+            }
+            if let Some(acct) = &u.account
+                && !names.contains(acct.as_str())
+            {
+                let known: Vec<&str> = self.accounts.iter().map(|a| a.name.as_str()).collect();
+                return Err(here.err(
+                    &at("account"),
+                    format!("unknown account {acct:?}; defined accounts: {}", known.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The account a message goes out through: the user's own, else the first.
+    pub fn account_for(&self, login: Option<&str>) -> &AccountConfig {
+        let by_user = login
+            .and_then(|l| self.users.iter().find(|u| u.name == l))
+            .and_then(|u| u.account.as_deref())
+            .and_then(|name| self.accounts.iter().find(|a| a.name == name));
+        // validate() guarantees at least one account.
+        by_user.unwrap_or(&self.accounts[0])
+    }
+
+    /// A human-readable summary of the effective configuration, secrets redacted.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "config: {}", self.source.display());
+        let _ = writeln!(s, "hostname: {}", self.hostname);
+        for l in &self.listeners {
+            let _ = writeln!(
+                s,
+                "listener {}: tls={} auth={} plaintext_auth={}{}",
+                l.address,
+                tls_name(l.tls),
+                match l.auth {
+                    AuthMode::Off => "off",
+                    AuthMode::Optional => "optional",
+                    AuthMode::Required => "required",
+                },
+                l.plaintext_auth,
+                match (&l.cert, &l.key) {
+                    (Some(c), Some(k)) => format!(" cert={} key={}", c.display(), k.display()),
+                    _ => String::new(),
+                }
+            );
+        }
+        let nets: Vec<String> = self.relay.allowed_networks.iter().map(|n| n.to_string()).collect();
+        let _ = writeln!(s, "allowed networks (may send without AUTH): {}", nets.join(", "));
+        let r = &self.relay;
+        let _ = writeln!(
+            s,
+            "limits: max_message_size={} bytes, max_recipients={}, max_connections={}, command_timeout={}, data_timeout={}",
+            r.max_message_size,
+            r.max_recipients,
+            r.max_connections,
+            humantime::format_duration(r.command_timeout),
+            humantime::format_duration(r.data_timeout)
+        );
+        for u in &self.users {
+            let _ = writeln!(
+                s,
+                "user {}: password_hash=<redacted> account={}",
+                u.name,
+                self.account_for(Some(&u.name)).name
+            );
+        }
+        let _ = writeln!(
+            s,
+            "queue: dir={} max_age={} retry={}..{}",
+            self.queue.dir.display(),
+            humantime::format_duration(self.queue.max_age),
+            humantime::format_duration(self.queue.retry_initial),
+            humantime::format_duration(self.queue.retry_max)
+        );
+        for (i, a) in self.accounts.iter().enumerate() {
+            let default = if i == 0 { " (default)" } else { "" };
+            match a.kind {
+                AccountKind::Capture => {
+                    let dir = a.dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default();
+                    let _ = writeln!(s, "account {}{default}: kind=capture dir={dir}", a.name);
+                }
+            }
+        }
+        s
+    }
+}
+
+fn tls_name(t: TlsMode) -> &'static str {
+    match t {
+        TlsMode::None => "none",
+        TlsMode::Starttls => "starttls",
+        TlsMode::Implicit => "implicit",
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+hostname = "relay.test"
+[[listener]]
+address = "127.0.0.1:2525"
+[[account]]
+name = "local"
+kind = "capture"
+dir = "cap"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.relay.max_message_size, 35 * 1024 * 1024);
+        assert_eq!(c.queue.max_age, Duration::from_secs(5 * 86400));
+        assert_eq!(c.relay.allowed_networks[0].to_string(), "127.0.0.0/8");
+        assert_eq!(c.account_for(None).name, "local");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("35MB"), Ok(35 * 1024 * 1024));
+        assert_eq!(parse_size("512 KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("100"), Ok(100));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5XB").is_err());
+    }
+
+    #[test]
+    fn unknown_key_names_path_and_line() {
+        let text = MINIMAL.replace("kind = \"capture\"", "kind = \"capture\"\ncolour = \"blue\"");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.line, Some(8), "{e}");
+        assert!(e.to_string().contains("unknown field `colour`"), "{e}");
+        assert!(e.to_string().contains("account[0]"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_field() {
+        let text = format!("{MINIMAL}\n[queue]\nmax_age = \"five days\"\n");
+        let e = parse(&text).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("queue.max_age"), "{e}");
+        assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn open_relay_refused() {
+        let text = format!("{MINIMAL}\n[relay]\nallowed_networks = [\"0.0.0.0/0\"]\n");
+        let e = parse(&text).unwrap_err();
+        assert!(e.message.contains("open relay"), "{e}");
+        assert_eq!(e.field.as_deref(), Some("relay.allowed_networks[0]"));
+    }
+}

@@ -1,0 +1,393 @@
+//! The async driver around [`Session`]: accept loop, connection limit, TLS (STARTTLS and
+//! implicit), timeouts, spool I/O and graceful shutdown with `421 4.3.0`.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, warn};
+
+use super::auth::{AuthGuard, Users};
+use super::reply;
+use super::session::{AuthOutcome, Envelope, Session, SessionParams, Step};
+use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::spool::{Client, MessageWriter, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION};
+
+const READ_BUFFER: usize = 64 * 1024;
+
+/// State shared by every listener and session.
+pub struct Inbound {
+    pub config: Arc<Config>,
+    pub spool: Arc<Spool>,
+    pub users: Users,
+    pub guard: AuthGuard,
+    pub connections: Arc<Semaphore>,
+}
+
+impl Inbound {
+    pub fn new(config: Arc<Config>, spool: Arc<Spool>) -> Inbound {
+        Inbound {
+            users: Users::new(&config.users),
+            guard: AuthGuard::new(config.relay.max_auth_failures, config.relay.auth_ban_time),
+            connections: Arc::new(Semaphore::new(config.relay.max_connections)),
+            config,
+            spool,
+        }
+    }
+
+    fn network_allowed(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.config.relay.allowed_networks.iter().any(|n| n.contains(&ip))
+    }
+
+    async fn authenticate(&self, ip: IpAddr, user: &str, password: &str) -> AuthOutcome {
+        if self.guard.is_banned(ip) {
+            warn!(client = %ip, "AUTH refused: address is temporarily banned after repeated failures");
+            return AuthOutcome::Banned;
+        }
+        if self.users.verify(user, password).await {
+            self.guard.success(ip);
+            info!(client = %ip, user = %user.escape_debug(), "AUTH succeeded");
+            return AuthOutcome::Success;
+        }
+        let banned = self.guard.failure(ip);
+        warn!(client = %ip, user = %user.escape_debug(), banned, "AUTH failed");
+        tokio::time::sleep(self.config.relay.auth_failure_delay).await;
+        if banned { AuthOutcome::Banned } else { AuthOutcome::Failure }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (dual-stack sockets) are matched as IPv4.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+/// Serves one listener until `shutdown` is cancelled. Sessions are tracked by `tracker`.
+pub async fn serve(
+    listener: TcpListener,
+    lc: ListenerConfig,
+    tls: Option<TlsAcceptor>,
+    inbound: Arc<Inbound>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let params = Arc::new(SessionParams {
+        hostname: inbound.config.hostname.clone(),
+        starttls: lc.tls == TlsMode::Starttls,
+        auth: lc.auth,
+        plaintext_auth: lc.plaintext_auth,
+        max_message_size: inbound.config.relay.max_message_size,
+        max_recipients: inbound.config.relay.max_recipients,
+        max_errors: inbound.config.relay.max_errors,
+    });
+    let local = listener.local_addr().ok();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => {
+                backoff = Duration::from_millis(10);
+                x
+            }
+            Err(e) => {
+                // Usually EMFILE: wait instead of spinning.
+                warn!(error = %e, "accept failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let span = tracing::info_span!("smtp", client = %peer, listener = ?local);
+        let Ok(permit) = inbound.connections.clone().try_acquire_owned() else {
+            warn!(parent: &span, "connection refused: max_connections reached");
+            tracker.spawn(refuse(tcp, reply::too_many_connections()));
+            continue;
+        };
+        let (inbound, params, tls, lc_tls, shutdown) =
+            (inbound.clone(), params.clone(), tls.clone(), lc.tls, shutdown.clone());
+        tracker.spawn(
+            async move {
+                connection(tcp, peer, lc_tls, tls, params, inbound, shutdown).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn refuse(mut tcp: TcpStream, r: reply::Reply) {
+    let mut out = Vec::new();
+    r.write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = tcp.write_all(&out).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+}
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Resolves when the session should be cut off for shutdown: at once when it is idle, at the
+/// end of the grace time when it is mid-transaction.
+async fn shutdown_due(token: &CancellationToken, deadline: &mut Option<Instant>, grace: Duration, busy: bool) {
+    let due = match *deadline {
+        Some(d) => d,
+        None => {
+            token.cancelled().await;
+            *deadline.insert(Instant::now() + grace)
+        }
+    };
+    if busy {
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+async fn flush(conn: &mut Conn, session: &mut Session, limit: Duration) -> io::Result<()> {
+    let out = session.outbox();
+    if out.is_empty() {
+        return Ok(());
+    }
+    let res = tokio::time::timeout(limit, async {
+        conn.write_all(out).await?;
+        conn.flush().await
+    })
+    .await;
+    out.clear();
+    match res {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    mode: TlsMode,
+    tls: Option<TlsAcceptor>,
+    params: Arc<SessionParams>,
+    inbound: Arc<Inbound>,
+    shutdown: CancellationToken,
+) {
+    let relay = &inbound.config.relay;
+    let ip = canonical_ip(peer.ip());
+    let network_allowed = inbound.network_allowed(ip);
+    if !network_allowed && inbound.guard.is_banned(ip) {
+        info!("connection refused: address is temporarily banned after failed logins");
+        return refuse(tcp, reply::banned()).await;
+    }
+    let mut conn = match (mode, tls.as_ref()) {
+        (TlsMode::Implicit, Some(acceptor)) => {
+            match tokio::time::timeout(relay.command_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => Conn::Tls(Box::new(s)),
+                Ok(Err(e)) => return info!(error = %e, "TLS handshake failed"),
+                Err(_) => return info!("TLS handshake timed out"),
+            }
+        }
+        _ => Conn::Plain(tcp),
+    };
+    let mut session = Session::new(params.clone(), ip, network_allowed, matches!(conn, Conn::Tls(_)));
+    let mut buf = vec![0u8; READ_BUFFER];
+    let (mut start, mut end) = (0usize, 0usize);
+    let mut writer: Option<MessageWriter> = None;
+    let mut deadline: Option<Instant> = None;
+    let write_limit = relay.command_timeout;
+
+    loop {
+        let mut input = &buf[start..end];
+        let step = session.advance(&mut input);
+        start = end - input.len();
+        match step {
+            Step::Read => {
+                if flush(&mut conn, &mut session, write_limit).await.is_err() {
+                    break;
+                }
+                if start < end {
+                    // The session is waiting on us; should not happen, but never spin.
+                    warn!("session stalled with unread input; closing");
+                    break;
+                }
+                let limit = if session.in_data() { relay.data_timeout } else { relay.command_timeout };
+                let busy = session.busy();
+                tokio::select! {
+                    r = tokio::time::timeout(limit, conn.read(&mut buf)) => match r {
+                        Ok(Ok(0)) => {
+                            if session.busy() {
+                                info!("client disconnected mid-transaction; nothing was queued");
+                            }
+                            break;
+                        }
+                        Ok(Ok(n)) => {
+                            start = 0;
+                            end = n;
+                        }
+                        Ok(Err(e)) => {
+                            info!(error = %e, "read error");
+                            break;
+                        }
+                        Err(_) => {
+                            info!(in_data = session.in_data(), "client timed out");
+                            session.close_with(reply::timeout(&params.hostname));
+                        }
+                    },
+                    _ = shutdown_due(&shutdown, &mut deadline, relay.shutdown_grace, busy) => {
+                        session.close_with(reply::shutting_down(&params.hostname));
+                    }
+                }
+            }
+            Step::Authenticate(creds) => {
+                let outcome = inbound.authenticate(ip, &creds.user, &creds.password).await;
+                session.auth_result(&creds.user, outcome);
+            }
+            Step::OpenMessage => match inbound.spool.create().await {
+                Ok(w) => {
+                    session.message_opened(Ok(w.id().to_string()));
+                    writer = Some(w);
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot accept message: spool refused it");
+                    session.message_opened(Err(&e));
+                }
+            },
+            Step::Body => {
+                let result = match writer.as_mut() {
+                    Some(w) => w.write(session.body()).await,
+                    None => Ok(()),
+                };
+                if let Err(e) = &result {
+                    warn!(error = %e, "spool write failed; message will be refused");
+                }
+                session.body_written(result.as_ref().map(|_| ()));
+            }
+            Step::Commit(env) => {
+                let Some(w) = writer.take() else {
+                    session.committed(Err(&crate::spool::SpoolError::Io(io::Error::other("no message open"))));
+                    continue;
+                };
+                let meta = build_meta(&inbound.config, ip, &env);
+                let (from, rcpts, bare) = (meta.mail_from.clone(), meta.recipients.len(), env.bare_line_endings);
+                match w.commit(&inbound.spool, meta).await {
+                    Ok(id) => {
+                        info!(queue_id = %id, from = %from.escape_debug(), recipients = rcpts, login = ?env.login,
+                              tls = env.tls, bare_line_endings = bare, "message queued");
+                        session.committed(Ok(&id));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "spool commit failed; client told to retry");
+                        session.committed(Err(&e));
+                    }
+                }
+            }
+            Step::AbortMessage => {
+                if let Some(w) = writer.take() {
+                    info!(queue_id = %w.id(), size = w.written(), "message refused; partial data discarded");
+                    w.abort().await;
+                }
+            }
+            Step::StartTls => {
+                if flush(&mut conn, &mut session, write_limit).await.is_err() {
+                    break;
+                }
+                // Anything the client sent after STARTTLS, before the handshake, is dropped
+                // here: it must not be read as if it had come through TLS (CVE-2011-0411).
+                start = 0;
+                end = 0;
+                let (Conn::Plain(tcp), Some(acceptor)) = (conn, tls.as_ref()) else {
+                    break;
+                };
+                match tokio::time::timeout(relay.command_timeout, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        conn = Conn::Tls(Box::new(s));
+                        session.tls_started();
+                    }
+                    Ok(Err(e)) => {
+                        info!(error = %e, "STARTTLS handshake failed");
+                        break;
+                    }
+                    Err(_) => {
+                        info!("STARTTLS handshake timed out");
+                        break;
+                    }
+                }
+            }
+            Step::Close => {
+                let _ = flush(&mut conn, &mut session, write_limit).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.shutdown()).await;
+                break;
+            }
+        }
+    }
+    if let Some(w) = writer.take() {
+        w.abort().await;
+    }
+}
+
+fn build_meta(config: &Config, ip: IpAddr, env: &Envelope) -> Meta {
+    Meta {
+        version: FORMAT_VERSION,
+        id: String::new(),
+        received_at: chrono::Utc::now(),
+        account: config.account_for(env.login.as_deref()).name.clone(),
+        mail_from: env.mail_from.clone(),
+        recipients: env
+            .recipients
+            .iter()
+            .map(|r| Recipient { address: r.clone(), status: RecipientStatus::Pending, attempts: 0, last_reply: None })
+            .collect(),
+        client: Client { ip, helo: env.helo.clone(), login: env.login.clone(), tls: env.tls },
+        size: 0,
+        eight_bit: env.eight_bit,
+        smtputf8: env.smtputf8,
+        attempts: 0,
+        next_attempt_at: None,
+    }
+}

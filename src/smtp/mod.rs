@@ -1,0 +1,8 @@
+//! Inbound SMTP: the session state machine, its replies, SASL, logins and the socket driver.
+
+pub mod auth;
+pub mod data;
+pub mod listener;
+pub mod reply;
+pub mod sasl;
+pub mod session;

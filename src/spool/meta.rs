@@ -1,0 +1,116 @@
+//! The metadata file `<ID>.json` beside each `<ID>.eml`: envelope and delivery state.
+//!
+//! The meta file is the commit marker: a body without it was never acknowledged. It is
+//! rewritten (through `tmp/` and a rename) after every delivery attempt, so it always holds the
+//! per-recipient truth.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub version: u32,
+    pub id: String,
+    pub received_at: DateTime<Utc>,
+    /// The account (upstream) this message goes out through.
+    pub account: String,
+    /// Envelope sender; empty for the null sender `<>`.
+    pub mail_from: String,
+    pub recipients: Vec<Recipient>,
+    pub client: Client,
+    /// Size of the spooled body in bytes (including the `Received:` header we added).
+    pub size: u64,
+    /// The client declared or sent 8-bit data.
+    #[serde(default)]
+    pub eight_bit: bool,
+    /// The client asked for SMTPUTF8.
+    #[serde(default)]
+    pub smtputf8: bool,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default)]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recipient {
+    pub address: String,
+    pub status: RecipientStatus,
+    #[serde(default)]
+    pub attempts: u32,
+    /// The last reply or error seen for this recipient, for the administrator.
+    #[serde(default)]
+    pub last_reply: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecipientStatus {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Client {
+    pub ip: IpAddr,
+    pub helo: String,
+    /// The AUTH identity, when the device logged in.
+    pub login: Option<String>,
+    pub tls: bool,
+}
+
+impl Meta {
+    pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
+        self.recipients.iter().filter(|r| r.status == RecipientStatus::Pending)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain data with string keys cannot fail.
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Meta, String> {
+        let meta: Meta = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if meta.version != FORMAT_VERSION {
+            return Err(format!("unsupported format version {}", meta.version));
+        }
+        Ok(meta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meta_round_trips() {
+        let m = Meta {
+            version: FORMAT_VERSION,
+            id: "0123456789ABCDEF0".into(),
+            received_at: Utc::now(),
+            account: "local".into(),
+            mail_from: "scanner@printer.local".into(),
+            recipients: vec![Recipient {
+                address: "a@b.example".into(),
+                status: RecipientStatus::Pending,
+                attempts: 0,
+                last_reply: None,
+            }],
+            client: Client { ip: "127.0.0.1".parse().unwrap(), helo: "x".into(), login: None, tls: false },
+            size: 42,
+            eight_bit: true,
+            smtputf8: false,
+            attempts: 0,
+            next_attempt_at: None,
+        };
+        assert_eq!(Meta::decode(&m.encode()), Ok(m));
+        assert!(Meta::decode(b"{not json").is_err());
+    }
+}
