@@ -469,7 +469,7 @@ impl Config {
         let mut seen = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             let at = |k: &str| vec![key("listener"), Seg::Index(i), key(k)];
-            if !seen.insert(l.address) {
+            if l.address.port() != 0 && !seen.insert(l.address) {
                 return Err(here.err(&at("address"), format!("{} is used by two listeners", l.address)));
             }
             if l.tls != TlsMode::None {
