@@ -96,7 +96,10 @@ pub struct RelayConfig {
     #[serde(default = "default_max_errors")]
     pub max_errors: u32,
     /// Delay before answering a failed AUTH (slows down password guessing).
-    #[serde(default = "default_auth_failure_delay", deserialize_with = "de_duration")]
+    #[serde(
+        default = "default_auth_failure_delay",
+        deserialize_with = "de_duration"
+    )]
     pub auth_failure_delay: Duration,
     /// Failed AUTH attempts from one address before it is refused for `auth_ban_time`.
     #[serde(default = "default_max_auth_failures")]
@@ -173,7 +176,10 @@ fn default_auth_mode() -> AuthMode {
 }
 fn default_allowed_networks() -> Vec<IpNet> {
     vec![
-        IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(127, 0, 0, 0), 8)),
+        IpNet::V4(ipnet::Ipv4Net::new_assert(
+            std::net::Ipv4Addr::new(127, 0, 0, 0),
+            8,
+        )),
         IpNet::from(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)),
     ]
 }
@@ -287,7 +293,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let bad = || {
-        format!("invalid size {s:?}; write a whole number and a unit, like \"35MB\", \"512KB\" or \"1GB\"")
+        format!(
+            "invalid size {s:?}; write a whole number and a unit, like \"35MB\", \"512KB\" or \"1GB\""
+        )
     };
     let n: u64 = num.parse().map_err(|_| bad())?;
     let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
@@ -392,7 +400,11 @@ impl Located<'_> {
         ConfigError {
             file: self.file.to_path_buf(),
             line: line_of(self.text, segs),
-            field: if segs.is_empty() { None } else { Some(path_string(segs)) },
+            field: if segs.is_empty() {
+                None
+            } else {
+                Some(path_string(segs))
+            },
             message: message.into(),
         }
     }
@@ -430,7 +442,9 @@ impl Config {
                 .filter_map(|s| match s {
                     serde_path_to_error::Segment::Seq { index } => Some(Seg::Index(*index)),
                     serde_path_to_error::Segment::Map { key } => Some(Seg::Key(key.clone())),
-                    serde_path_to_error::Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+                    serde_path_to_error::Segment::Enum { variant } => {
+                        Some(Seg::Key(variant.clone()))
+                    }
                     serde_path_to_error::Segment::Unknown => None,
                 })
                 .collect();
@@ -442,7 +456,11 @@ impl Config {
             ConfigError {
                 file: path.to_path_buf(),
                 line,
-                field: if segs.is_empty() { None } else { Some(path_string(&segs)) },
+                field: if segs.is_empty() {
+                    None
+                } else {
+                    Some(path_string(&segs))
+                },
                 message: first_line(inner.message()),
             }
         })?;
@@ -453,7 +471,12 @@ impl Config {
 
     fn validate(&self, here: &Located<'_>) -> Result<(), ConfigError> {
         let h = &self.hostname;
-        if h.is_empty() || h.len() > 255 || !h.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-') {
+        if h.is_empty()
+            || h.len() > 255
+            || !h
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
             return Err(here.err(
                 &[key("hostname")],
                 format!("{h:?} is not a host name; use letters, digits, '-' and '.', like \"relay.example.lan\""),
@@ -470,7 +493,10 @@ impl Config {
         for (i, l) in self.listeners.iter().enumerate() {
             let at = |k: &str| vec![key("listener"), Seg::Index(i), key(k)];
             if l.address.port() != 0 && !seen.insert(l.address) {
-                return Err(here.err(&at("address"), format!("{} is used by two listeners", l.address)));
+                return Err(here.err(
+                    &at("address"),
+                    format!("{} is used by two listeners", l.address),
+                ));
             }
             if l.tls != TlsMode::None {
                 for (name, file) in [("cert", &l.cert), ("key", &l.key)] {
@@ -481,7 +507,10 @@ impl Config {
                         ));
                     };
                     if !file.is_file() {
-                        return Err(here.err(&at(name), format!("file {:?} not found", file.display().to_string())));
+                        return Err(here.err(
+                            &at(name),
+                            format!("file {:?} not found", file.display().to_string()),
+                        ));
                     }
                 }
                 if let Err(e) = crate::tls::load_server_config(l) {
@@ -540,7 +569,13 @@ impl Config {
                 return Err(here.err(&at("name"), "must not be empty"));
             }
             if !names.insert(a.name.as_str()) {
-                return Err(here.err(&at("name"), format!("account name {:?} is used twice; names must be unique", a.name)));
+                return Err(here.err(
+                    &at("name"),
+                    format!(
+                        "account name {:?} is used twice; names must be unique",
+                        a.name
+                    ),
+                ));
             }
             if a.max_connections == 0 {
                 return Err(here.err(&at("max_connections"), "must be at least 1"));
@@ -548,7 +583,10 @@ impl Config {
             match a.kind {
                 AccountKind::Capture => {
                     if a.dir.is_none() {
-                        return Err(here.err(&at("kind"), "kind = \"capture\" needs `dir`, the folder to write messages to"));
+                        return Err(here.err(
+                            &at("kind"),
+                            "kind = \"capture\" needs `dir`, the folder to write messages to",
+                        ));
                     }
                 }
             }
@@ -575,7 +613,10 @@ impl Config {
                 let known: Vec<&str> = self.accounts.iter().map(|a| a.name.as_str()).collect();
                 return Err(here.err(
                     &at("account"),
-                    format!("unknown account {acct:?}; defined accounts: {}", known.join(", ")),
+                    format!(
+                        "unknown account {acct:?}; defined accounts: {}",
+                        known.join(", ")
+                    ),
                 ));
             }
         }
@@ -616,8 +657,17 @@ impl Config {
                 }
             );
         }
-        let nets: Vec<String> = self.relay.allowed_networks.iter().map(|n| n.to_string()).collect();
-        let _ = writeln!(s, "allowed networks (may send without AUTH): {}", nets.join(", "));
+        let nets: Vec<String> = self
+            .relay
+            .allowed_networks
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        let _ = writeln!(
+            s,
+            "allowed networks (may send without AUTH): {}",
+            nets.join(", ")
+        );
         let r = &self.relay;
         let _ = writeln!(
             s,
@@ -648,7 +698,11 @@ impl Config {
             let default = if i == 0 { " (default)" } else { "" };
             match a.kind {
                 AccountKind::Capture => {
-                    let dir = a.dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default();
+                    let dir = a
+                        .dir
+                        .as_deref()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default();
                     let _ = writeln!(s, "account {}{default}: kind=capture dir={dir}", a.name);
                 }
             }
@@ -707,7 +761,10 @@ dir = "cap"
 
     #[test]
     fn unknown_key_names_path_and_line() {
-        let text = MINIMAL.replace("kind = \"capture\"", "kind = \"capture\"\ncolour = \"blue\"");
+        let text = MINIMAL.replace(
+            "kind = \"capture\"",
+            "kind = \"capture\"\ncolour = \"blue\"",
+        );
         let e = parse(&text).unwrap_err();
         assert_eq!(e.line, Some(8), "{e}");
         assert!(e.to_string().contains("unknown field `colour`"), "{e}");

@@ -22,7 +22,10 @@ use config::{Config, TlsMode};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot listen on {address}: {source}")]
-    Bind { address: std::net::SocketAddr, source: std::io::Error },
+    Bind {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot open the spool at {dir}: {source}")]
     Spool { dir: String, source: std::io::Error },
     #[error("listener {0}: {1}")]
@@ -39,7 +42,10 @@ pub async fn bind_listeners(config: &Config) -> Result<Vec<TcpListener>, RunErro
     for l in &config.listeners {
         let socket = TcpListener::bind(l.address)
             .await
-            .map_err(|source| RunError::Bind { address: l.address, source })?;
+            .map_err(|source| RunError::Bind {
+                address: l.address,
+                source,
+            })?;
         out.push(socket);
     }
     Ok(out)
@@ -48,14 +54,23 @@ pub async fn bind_listeners(config: &Config) -> Result<Vec<TcpListener>, RunErro
 /// Runs the relay on already-bound `listeners` (one per `config.listeners`, same order) until
 /// `shutdown` is cancelled; then stops accepting, lets sessions finish within
 /// `relay.shutdown_grace` and returns. Queued mail stays in the spool.
-pub async fn run(config: Arc<Config>, listeners: Vec<TcpListener>, shutdown: CancellationToken) -> Result<(), RunError> {
+pub async fn run(
+    config: Arc<Config>,
+    listeners: Vec<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     tls::install_provider();
     if listeners.len() != config.listeners.len() {
-        return Err(RunError::ListenerCount(listeners.len(), config.listeners.len()));
+        return Err(RunError::ListenerCount(
+            listeners.len(),
+            config.listeners.len(),
+        ));
     }
-    let (spool, recovered) = spool::Spool::open(&config.queue.dir, config.queue.max_messages).map_err(|source| {
-        RunError::Spool { dir: config.queue.dir.display().to_string(), source }
-    })?;
+    let (spool, recovered) = spool::Spool::open(&config.queue.dir, config.queue.max_messages)
+        .map_err(|source| RunError::Spool {
+            dir: config.queue.dir.display().to_string(),
+            source,
+        })?;
     info!(
         spool = %config.queue.dir.display(),
         queued = recovered.messages.len(),
@@ -72,7 +87,9 @@ pub async fn run(config: Arc<Config>, listeners: Vec<TcpListener>, shutdown: Can
     for (socket, lc) in listeners.into_iter().zip(config.listeners.iter()) {
         let acceptor = match lc.tls {
             TlsMode::None => None,
-            _ => Some(TlsAcceptor::from(tls::load_server_config(lc).map_err(|e| RunError::Tls(lc.address, e))?)),
+            _ => Some(TlsAcceptor::from(
+                tls::load_server_config(lc).map_err(|e| RunError::Tls(lc.address, e))?,
+            )),
         };
         info!(address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = ?lc.tls, auth = ?lc.auth, "listening");
         sessions.spawn(smtp::listener::serve(
@@ -84,12 +101,16 @@ pub async fn run(config: Arc<Config>, listeners: Vec<TcpListener>, shutdown: Can
             sessions.clone(),
         ));
     }
-    let forwarder_task = tokio::spawn(forwarder.run(recovered.messages, shutdown.clone(), deliveries.clone()));
+    let forwarder_task =
+        tokio::spawn(forwarder.run(recovered.messages, shutdown.clone(), deliveries.clone()));
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     shutdown.cancelled().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    info!("shutting down: no new connections; sessions get {:?} to finish", config.relay.shutdown_grace);
+    info!(
+        "shutting down: no new connections; sessions get {:?} to finish",
+        config.relay.shutdown_grace
+    );
     sessions.close();
     deliveries.close();
     let _ = forwarder_task.await;

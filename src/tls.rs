@@ -15,7 +15,9 @@ pub enum TlsError {
     Missing,
     #[error("cannot read certificate file {path}: {reason}; it must hold PEM 'CERTIFICATE' blocks")]
     Cert { path: String, reason: String },
-    #[error("cannot read private key file {path}: {reason}; it must hold one PEM private key (PKCS#8, PKCS#1 or SEC1)")]
+    #[error(
+        "cannot read private key file {path}: {reason}; it must hold one PEM private key (PKCS#8, PKCS#1 or SEC1)"
+    )]
     Key { path: String, reason: String },
     #[error("certificate and key do not fit together: {0}")]
     Mismatch(String),
@@ -35,7 +37,10 @@ pub fn load_server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, TlsEr
 }
 
 pub fn server_config_from_files(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
-    let cert_err = |reason: String| TlsError::Cert { path: cert.display().to_string(), reason };
+    let cert_err = |reason: String| TlsError::Cert {
+        path: cert.display().to_string(),
+        reason,
+    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .map_err(|e| cert_err(e.to_string()))?
         .collect::<Result<_, _>>()
@@ -43,8 +48,10 @@ pub fn server_config_from_files(cert: &Path, key: &Path) -> Result<Arc<ServerCon
     if chain.is_empty() {
         return Err(cert_err("no certificate found".into()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| TlsError::Key { path: key.display().to_string(), reason: e.to_string() })?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
+        path: key.display().to_string(),
+        reason: e.to_string(),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -22,7 +22,10 @@ async fn pipelined_rset_and_several_messages_on_one_connection() {
     )
     .await;
     let ehlo = c.expect("250").await;
-    assert!(ehlo.contains("PIPELINING") && ehlo.contains("8BITMIME") && ehlo.contains("SIZE 31457280"), "{ehlo}");
+    assert!(
+        ehlo.contains("PIPELINING") && ehlo.contains("8BITMIME") && ehlo.contains("SIZE 31457280"),
+        "{ehlo}"
+    );
     c.expect("250 2.1.0").await;
     c.expect("250 2.1.5").await;
     c.expect("354").await;
@@ -32,20 +35,34 @@ async fn pipelined_rset_and_several_messages_on_one_connection() {
     c.cmd("RCPT TO:<dropped@example.com>", "250").await;
     c.cmd("RSET", "250").await;
     c.cmd("RCPT TO:<b@example.com>", "503 5.5.1").await;
-    c.send_mail("scan@printer.local", &["b@example.com", "c@example.com"], b"Subject: two\r\n\r\nsecond\r\n").await;
+    c.send_mail(
+        "scan@printer.local",
+        &["b@example.com", "c@example.com"],
+        b"Subject: two\r\n\r\nsecond\r\n",
+    )
+    .await;
     c.cmd("QUIT", "221").await;
 
     let got = wait_captured(&relay.path("capture"), 2).await;
     assert_eq!(strip_received(&got[0].1), b"Subject: one\r\n\r\nfirst\r\n");
     assert_eq!(strip_received(&got[1].1), b"Subject: two\r\n\r\nsecond\r\n");
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(relay.path("capture").join(format!("{}.json", got[1].0))).unwrap()).unwrap();
-    assert_eq!(meta["recipients"], serde_json::json!(["b@example.com", "c@example.com"]));
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.path("capture").join(format!("{}.json", got[1].0))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        meta["recipients"],
+        serde_json::json!(["b@example.com", "c@example.com"])
+    );
     assert_eq!(meta["mail_from"], "scan@printer.local");
     assert_eq!(meta["client"]["ip"], "127.0.0.1");
     // Delivered messages leave the spool.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(relay.path("spool/queue")).unwrap().count() > 0 {
+    while std::fs::read_dir(relay.path("spool/queue"))
+        .unwrap()
+        .count()
+        > 0
+    {
         assert!(Instant::now() < deadline, "spool not emptied");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -61,11 +78,27 @@ async fn relay_policy_from_a_foreign_address() {
     c.expect("220").await;
     let ehlo = c.cmd("EHLO dev", "250").await;
     assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
-    c.cmd("MAIL FROM:<a@x.example>", "530 5.7.0 Authentication required").await;
+    c.cmd(
+        "MAIL FROM:<a@x.example>",
+        "530 5.7.0 Authentication required",
+    )
+    .await;
 
     // AUTH PLAIN works.
-    c.cmd(&format!("AUTH PLAIN {}", b64(format!("\0scanner\0{PASSWORD}").as_bytes())), "235 2.7.0").await;
-    c.send_mail("a@x.example", &["r@example.com"], b"Subject: plain\r\n\r\nx\r\n").await;
+    c.cmd(
+        &format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0scanner\0{PASSWORD}").as_bytes())
+        ),
+        "235 2.7.0",
+    )
+    .await;
+    c.send_mail(
+        "a@x.example",
+        &["r@example.com"],
+        b"Subject: plain\r\n\r\nx\r\n",
+    )
+    .await;
 
     // AUTH LOGIN works, after HELO too.
     let mut c = Dialog::connect_from(other, relay.addr()).await;
@@ -74,34 +107,61 @@ async fn relay_policy_from_a_foreign_address() {
     c.cmd("AUTH LOGIN", "334 VXNlcm5hbWU6").await;
     c.cmd(&b64(b"scanner"), "334 UGFzc3dvcmQ6").await;
     c.cmd(&b64(PASSWORD.as_bytes()), "235").await;
-    c.send_mail("b@x.example", &["r@example.com"], b"Subject: login\r\n\r\ny\r\n").await;
+    c.send_mail(
+        "b@x.example",
+        &["r@example.com"],
+        b"Subject: login\r\n\r\ny\r\n",
+    )
+    .await;
 
     // A wrong password is refused, after the configured delay.
     let mut c = Dialog::connect_from(other, relay.addr()).await;
     c.expect("220").await;
     c.cmd("EHLO dev", "250").await;
     let t = Instant::now();
-    c.cmd(&format!("AUTH PLAIN {}", b64(b"\0scanner\0wrong-password")), "535 5.7.8").await;
-    assert!(t.elapsed() >= Duration::from_millis(300), "failure answered without delay");
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0wrong-password")),
+        "535 5.7.8",
+    )
+    .await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "failure answered without delay"
+    );
     c.cmd("MAIL FROM:<a@x.example>", "530").await;
 
     let got = wait_captured(&relay.path("capture"), 2).await;
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(relay.path("capture").join(format!("{}.json", got[0].0))).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.path("capture").join(format!("{}.json", got[0].0))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(meta["client"]["login"], "scanner");
     assert_eq!(meta["client"]["ip"], "127.0.0.2");
-    assert_logs_clean(&[PASSWORD, &b64(format!("\0scanner\0{PASSWORD}").as_bytes()), &b64(PASSWORD.as_bytes()), "wrong-password"]);
+    assert_logs_clean(&[
+        PASSWORD,
+        &b64(format!("\0scanner\0{PASSWORD}").as_bytes()),
+        &b64(PASSWORD.as_bytes()),
+        "wrong-password",
+    ]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn repeated_auth_failures_ban_the_address() {
-    let relay = TestRelay::start(&basic_config("max_auth_failures = 2\nauth_ban_time = \"1h\"")).await;
+    let relay = TestRelay::start(&basic_config(
+        "max_auth_failures = 2\nauth_ban_time = \"1h\"",
+    ))
+    .await;
     let other = "127.0.0.5".parse().unwrap();
     let mut c = Dialog::connect_from(other, relay.addr()).await;
     c.expect("220").await;
     c.cmd("EHLO dev", "250").await;
-    c.cmd(&format!("AUTH PLAIN {}", b64(b"\0scanner\0bad1")), "535").await;
-    c.cmd(&format!("AUTH PLAIN {}", b64(b"\0scanner\0bad2")), "421 4.7.0").await;
+    c.cmd(&format!("AUTH PLAIN {}", b64(b"\0scanner\0bad1")), "535")
+        .await;
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0bad2")),
+        "421 4.7.0",
+    )
+    .await;
     c.expect_closed().await;
     // New connections from that address are refused outright, even with the right password.
     let mut c = Dialog::connect_from(other, relay.addr()).await;
@@ -148,15 +208,40 @@ async fn auth_needs_tls_unless_plaintext_auth() {
     let mut c = Dialog::connect_from(other, relay.addr()).await;
     c.expect("220").await;
     let ehlo = c.cmd("EHLO dev", "250").await;
-    assert!(ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"), "{ehlo}");
-    c.cmd(&format!("AUTH PLAIN {}", b64(format!("\0scanner\0{PASSWORD}").as_bytes())), "538 5.7.11").await;
+    assert!(
+        ehlo.contains("STARTTLS") && !ehlo.contains("AUTH"),
+        "{ehlo}"
+    );
+    c.cmd(
+        &format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0scanner\0{PASSWORD}").as_bytes())
+        ),
+        "538 5.7.11",
+    )
+    .await;
     c.cmd("MAIL FROM:<a@x.example>", "530").await;
     c.cmd("STARTTLS", "220").await;
     let mut c = c.into_tls(&relay.cert.cert_pem).await;
     let ehlo = c.cmd("EHLO dev", "250").await;
-    assert!(!ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
-    c.cmd(&format!("AUTH PLAIN {}", b64(format!("\0scanner\0{PASSWORD}").as_bytes())), "235").await;
-    c.send_mail("a@x.example", &["r@example.com"], b"Subject: tls\r\n\r\nz\r\n").await;
+    assert!(
+        !ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN LOGIN"),
+        "{ehlo}"
+    );
+    c.cmd(
+        &format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0scanner\0{PASSWORD}").as_bytes())
+        ),
+        "235",
+    )
+    .await;
+    c.send_mail(
+        "a@x.example",
+        &["r@example.com"],
+        b"Subject: tls\r\n\r\nz\r\n",
+    )
+    .await;
     let got = wait_captured(&relay.path("capture"), 1).await;
     let received = String::from_utf8_lossy(&got[0].1);
     assert!(received.contains("with ESMTPSA id"), "{received}");
@@ -167,20 +252,36 @@ async fn auth_needs_tls_unless_plaintext_auth() {
     c.expect("220").await;
     let ehlo = c.cmd("EHLO dev", "250").await;
     assert!(ehlo.contains("AUTH PLAIN LOGIN"), "{ehlo}");
-    c.cmd(&format!("AUTH PLAIN {}", b64(format!("\0scanner\0{PASSWORD}").as_bytes())), "235").await;
+    c.cmd(
+        &format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0scanner\0{PASSWORD}").as_bytes())
+        ),
+        "235",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn implicit_tls_listener() {
     let relay = TestRelay::start(&starttls_config(false)).await;
-    let tcp = tokio::net::TcpStream::connect(relay.addrs[1]).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(relay.addrs[1])
+        .await
+        .unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tls_connector(&relay.cert.cert_pem).connect(name, tcp).await.unwrap();
+    let tls = tls_connector(&relay.cert.cert_pem)
+        .connect(name, tcp)
+        .await
+        .unwrap();
     let mut c = Dialog::from_stream(Box::new(tls));
     c.expect("220").await;
     let ehlo = c.cmd("EHLO dev", "250").await;
-    assert!(!ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN"), "{ehlo}");
-    c.send_mail("a@x.example", &["r@example.com"], b"Subject: 465\r\n\r\n").await;
+    assert!(
+        !ehlo.contains("STARTTLS") && ehlo.contains("AUTH PLAIN"),
+        "{ehlo}"
+    );
+    c.send_mail("a@x.example", &["r@example.com"], b"Subject: 465\r\n\r\n")
+        .await;
     wait_captured(&relay.path("capture"), 1).await;
 }
 
@@ -191,7 +292,8 @@ async fn commands_pipelined_before_starttls_handshake_are_discarded() {
     c.expect("220").await;
     c.cmd("EHLO dev", "250").await;
     // A man in the middle appends a command to the plaintext STARTTLS (CVE-2011-0411).
-    c.send_raw(b"STARTTLS\r\nMAIL FROM:<injected@evil.example>\r\n").await;
+    c.send_raw(b"STARTTLS\r\nMAIL FROM:<injected@evil.example>\r\n")
+        .await;
     c.expect("220").await;
     let mut c = c.into_tls(&relay.cert.cert_pem).await;
     c.cmd("EHLO dev", "250").await;
@@ -201,12 +303,16 @@ async fn commands_pipelined_before_starttls_handshake_are_discarded() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn limits_and_bad_input_leave_the_server_healthy() {
-    let relay = TestRelay::start(&basic_config("max_message_size = \"64KB\"\nmax_errors = 50")).await;
+    let relay = TestRelay::start(&basic_config(
+        "max_message_size = \"64KB\"\nmax_errors = 50",
+    ))
+    .await;
     let mut c = Dialog::connect(relay.addr()).await;
     c.expect("220").await;
     c.cmd("EHLO dev", "250").await;
     // Oversize declared at MAIL.
-    c.cmd("MAIL FROM:<a@x.example> SIZE=100000000", "552 5.3.4").await;
+    c.cmd("MAIL FROM:<a@x.example> SIZE=100000000", "552 5.3.4")
+        .await;
     // Too many recipients.
     c.cmd("MAIL FROM:<a@x.example>", "250").await;
     for i in 0..5 {
@@ -231,18 +337,31 @@ async fn limits_and_bad_input_leave_the_server_healthy() {
     c.expect("500").await;
     c.send_raw(b"MAIL\x00 FROM:<a@b>\r\n").await;
     c.expect("5").await;
-    let random: Vec<u8> = (0..4096).map(|_| fastrand::u8(..)).filter(|b| *b != b'\n').collect();
+    let random: Vec<u8> = (0..4096)
+        .map(|_| fastrand::u8(..))
+        .filter(|b| *b != b'\n')
+        .collect();
     c.send_raw(&random).await;
     c.send_raw(b"\r\n").await;
     c.expect("5").await;
     c.cmd("NOOP", "250").await;
     // Still healthy: a normal message goes through on the same connection and on a new one.
     c.cmd("RSET", "250").await;
-    c.send_mail("a@x.example", &["r@example.com"], b"Subject: after\r\n\r\nok\r\n").await;
+    c.send_mail(
+        "a@x.example",
+        &["r@example.com"],
+        b"Subject: after\r\n\r\nok\r\n",
+    )
+    .await;
     let mut c2 = Dialog::connect(relay.addr()).await;
     c2.expect("220").await;
     c2.cmd("HELO d", "250").await;
-    c2.send_mail("a@x.example", &["r@example.com"], b"Subject: after2\r\n\r\nok\r\n").await;
+    c2.send_mail(
+        "a@x.example",
+        &["r@example.com"],
+        b"Subject: after2\r\n\r\nok\r\n",
+    )
+    .await;
     let got = wait_captured(&relay.path("capture"), 2).await;
     assert_eq!(got.len(), 2);
 }
@@ -261,7 +380,10 @@ async fn too_many_errors_closes() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_timeout_and_http_and_connection_limit() {
-    let relay = TestRelay::start(&basic_config("command_timeout = \"1s\"\nmax_connections = 2")).await;
+    let relay = TestRelay::start(&basic_config(
+        "command_timeout = \"1s\"\nmax_connections = 2",
+    ))
+    .await;
     let mut idle = Dialog::connect(relay.addr()).await;
     idle.expect("220").await;
     let mut http = Dialog::connect(relay.addr()).await;
@@ -269,7 +391,8 @@ async fn idle_timeout_and_http_and_connection_limit() {
     // Third connection over the limit.
     let mut third = Dialog::connect(relay.addr()).await;
     third.expect("421 4.7.0").await;
-    http.send_raw(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n").await;
+    http.send_raw(b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await;
     http.expect("554 5.7.0").await;
     http.expect_closed().await;
     idle.expect("421 4.4.2").await;
@@ -299,7 +422,11 @@ async fn smuggled_end_of_data_stays_inside_the_message() {
         b"Subject: smuggle\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nevil\r\n"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(wait_captured(&relay.path("capture"), 1).await.len(), 1, "a second message was smuggled in");
+    assert_eq!(
+        wait_captured(&relay.path("capture"), 1).await.len(),
+        1,
+        "a second message was smuggled in"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -313,17 +440,21 @@ async fn legacy_device_quirks_are_accepted() {
     c.cmd("RCPT TO:boss@example.com", "250").await;
     c.cmd("DATA", "354").await;
     // 8-bit text without BODY=8BITMIME, bare LF line ends, no Date/Message-ID; no QUIT.
-    c.send_raw("Subject: Scan fertig\nFrom: Büro <scanner@printer.local>\n\nGrüße\n".as_bytes()).await;
+    c.send_raw("Subject: Scan fertig\nFrom: Büro <scanner@printer.local>\n\nGrüße\n".as_bytes())
+        .await;
     c.send_raw(b"\r\n.\r\n").await;
     c.expect("250").await;
     drop(c);
     let got = wait_captured(&relay.path("capture"), 1).await;
     assert_eq!(
         strip_received(&got[0].1),
-        "Subject: Scan fertig\r\nFrom: Büro <scanner@printer.local>\r\n\r\nGrüße\r\n\r\n".as_bytes()
+        "Subject: Scan fertig\r\nFrom: Büro <scanner@printer.local>\r\n\r\nGrüße\r\n\r\n"
+            .as_bytes()
     );
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(relay.path("capture").join(format!("{}.json", got[0].0))).unwrap()).unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.path("capture").join(format!("{}.json", got[0].0))).unwrap(),
+    )
+    .unwrap();
     assert_eq!(meta["mail_from"], "scanner@printer.local");
     assert_eq!(meta["eight_bit"], true);
 }
@@ -361,15 +492,24 @@ async fn temporary_delivery_failure_is_retried_then_delivered() {
     let mut c = Dialog::connect(relay.addr()).await;
     c.expect("220").await;
     c.cmd("EHLO d", "250").await;
-    let id = c.send_mail("a@x.example", &["r@example.com"], b"Subject: retry\r\n\r\n").await;
+    let id = c
+        .send_mail("a@x.example", &["r@example.com"], b"Subject: retry\r\n\r\n")
+        .await;
     // The failed attempt is recorded per recipient, and the message stays queued.
     let meta_path = relay.path("spool/queue").join(format!("{id}.json"));
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
         if meta["attempts"].as_u64().unwrap_or(0) >= 1 {
             assert_eq!(meta["recipients"][0]["status"], "pending");
-            assert!(meta["recipients"][0]["last_reply"].as_str().unwrap().contains("capture folder"), "{meta}");
+            assert!(
+                meta["recipients"][0]["last_reply"]
+                    .as_str()
+                    .unwrap()
+                    .contains("capture folder"),
+                "{meta}"
+            );
             break;
         }
         assert!(Instant::now() < deadline);
@@ -384,7 +524,10 @@ async fn temporary_delivery_failure_is_retried_then_delivered() {
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_message_moves_to_failed() {
     let mut cfg = basic_config("");
-    cfg = cfg.replace("retry_initial = \"200ms\"", "retry_initial = \"200ms\"\nmax_age = \"1s\"");
+    cfg = cfg.replace(
+        "retry_initial = \"200ms\"",
+        "retry_initial = \"200ms\"\nmax_age = \"1s\"",
+    );
     let relay = TestRelay::start(&cfg).await;
     let capture = relay.path("capture");
     wait_exists(&capture).await;
@@ -393,7 +536,13 @@ async fn expired_message_moves_to_failed() {
     let mut c = Dialog::connect(relay.addr()).await;
     c.expect("220").await;
     c.cmd("EHLO d", "250").await;
-    let id = c.send_mail("a@x.example", &["r@example.com"], b"Subject: expire\r\n\r\n").await;
+    let id = c
+        .send_mail(
+            "a@x.example",
+            &["r@example.com"],
+            b"Subject: expire\r\n\r\n",
+        )
+        .await;
     let failed = relay.path("spool/failed").join(format!("{id}.json"));
     let deadline = Instant::now() + Duration::from_secs(15);
     while !failed.exists() {
@@ -402,7 +551,23 @@ async fn expired_message_moves_to_failed() {
     }
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&failed).unwrap()).unwrap();
     assert_eq!(meta["recipients"][0]["status"], "failed");
-    assert!(meta["recipients"][0]["last_reply"].as_str().unwrap().contains("max_age"), "{meta}");
-    assert!(relay.path("spool/failed").join(format!("{id}.eml")).exists());
-    assert!(!relay.path("spool/queue").join(format!("{id}.json")).exists());
+    assert!(
+        meta["recipients"][0]["last_reply"]
+            .as_str()
+            .unwrap()
+            .contains("max_age"),
+        "{meta}"
+    );
+    assert!(
+        relay
+            .path("spool/failed")
+            .join(format!("{id}.eml"))
+            .exists()
+    );
+    assert!(
+        !relay
+            .path("spool/queue")
+            .join(format!("{id}.json"))
+            .exists()
+    );
 }

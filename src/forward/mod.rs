@@ -68,14 +68,27 @@ impl Forwarder {
             };
             accounts.insert(
                 a.name.clone(),
-                Account { upstream, slots: Arc::new(Semaphore::new(a.max_connections)), waiting: VecDeque::new() },
+                Account {
+                    upstream,
+                    slots: Arc::new(Semaphore::new(a.max_connections)),
+                    waiting: VecDeque::new(),
+                },
             );
         }
-        Ok(Forwarder { config, spool, accounts })
+        Ok(Forwarder {
+            config,
+            spool,
+            accounts,
+        })
     }
 
     /// Runs until `shutdown`; attempts in progress are tracked by `tracker` and finish on their own.
-    pub async fn run(mut self, recovered: Vec<Meta>, shutdown: CancellationToken, tracker: TaskTracker) {
+    pub async fn run(
+        mut self,
+        recovered: Vec<Meta>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
         let Some(mut committed) = self.spool.take_committed() else {
             error!("forwarder started twice; the second one does nothing");
             return;
@@ -93,7 +106,9 @@ impl Forwarder {
                 if first.0 > now {
                     break;
                 }
-                let Some((_, id, account)) = schedule.pop_first() else { break };
+                let Some((_, id, account)) = schedule.pop_first() else {
+                    break;
+                };
                 match self.accounts.get_mut(&account) {
                     Some(a) => a.waiting.push_back(id),
                     None => {
@@ -139,14 +154,27 @@ impl Forwarder {
     fn dispatch(&mut self, done_tx: &mpsc::UnboundedSender<Done>, tracker: &TaskTracker) {
         for (name, account) in self.accounts.iter_mut() {
             while !account.waiting.is_empty() {
-                let Ok(permit) = account.slots.clone().try_acquire_owned() else { break };
-                let Some(id) = account.waiting.pop_front() else { break };
-                let (spool, upstream, config, done_tx, name) =
-                    (self.spool.clone(), account.upstream.clone(), self.config.clone(), done_tx.clone(), name.clone());
+                let Ok(permit) = account.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                let Some(id) = account.waiting.pop_front() else {
+                    break;
+                };
+                let (spool, upstream, config, done_tx, name) = (
+                    self.spool.clone(),
+                    account.upstream.clone(),
+                    self.config.clone(),
+                    done_tx.clone(),
+                    name.clone(),
+                );
                 tracker.spawn(async move {
                     let retry_at = attempt(&spool, upstream.as_ref(), &config, &id).await;
                     drop(permit);
-                    let _ = done_tx.send(Done { id, account: name, retry_at });
+                    let _ = done_tx.send(Done {
+                        id,
+                        account: name,
+                        retry_at,
+                    });
                 });
             }
         }
@@ -155,7 +183,12 @@ impl Forwarder {
 
 /// One delivery attempt of one message. Returns when to try again, or `None` when the message
 /// has left the queue (or cannot be read; it then stays for the administrator).
-async fn attempt(spool: &Arc<Spool>, upstream: &dyn Upstream, config: &Config, id: &str) -> Option<DateTime<Utc>> {
+async fn attempt(
+    spool: &Arc<Spool>,
+    upstream: &dyn Upstream,
+    config: &Config,
+    id: &str,
+) -> Option<DateTime<Utc>> {
     let mut meta = {
         let (spool, owned_id) = (spool.clone(), id.to_string());
         match tokio::task::spawn_blocking(move || spool.load(&owned_id)).await {
@@ -172,15 +205,25 @@ async fn attempt(spool: &Arc<Spool>, upstream: &dyn Upstream, config: &Config, i
         body: spool.body_path(id),
         recipients: meta.pending().map(|r| r.address.clone()).collect(),
     };
-    let outcomes = if job.recipients.is_empty() { Vec::new() } else { upstream.deliver(&job).await };
+    let outcomes = if job.recipients.is_empty() {
+        Vec::new()
+    } else {
+        upstream.deliver(&job).await
+    };
     let recipients = job.recipients;
 
     let (mut delivered, mut deferred, mut failed) = (0, 0, 0);
     let mut last_problem = None;
-    for (addr, outcome) in recipients.iter().zip(outcomes.iter().chain(std::iter::repeat(&Outcome::Temporary(
-        "upstream gave no result for this recipient".into(),
-    )))) {
-        let Some(r) = meta.recipients.iter_mut().find(|r| &r.address == addr && r.status == RecipientStatus::Pending)
+    for (addr, outcome) in recipients
+        .iter()
+        .zip(outcomes.iter().chain(std::iter::repeat(&Outcome::Temporary(
+            "upstream gave no result for this recipient".into(),
+        ))))
+    {
+        let Some(r) = meta
+            .recipients
+            .iter_mut()
+            .find(|r| &r.address == addr && r.status == RecipientStatus::Pending)
         else {
             continue;
         };
@@ -211,7 +254,11 @@ async fn attempt(spool: &Arc<Spool>, upstream: &dyn Upstream, config: &Config, i
     let mut expired = false;
     if deferred > 0 && age >= config.queue.max_age {
         expired = true;
-        for r in meta.recipients.iter_mut().filter(|r| r.status == RecipientStatus::Pending) {
+        for r in meta
+            .recipients
+            .iter_mut()
+            .filter(|r| r.status == RecipientStatus::Pending)
+        {
             r.status = RecipientStatus::Failed;
             let last = r.last_reply.take().unwrap_or_default();
             r.last_reply = Some(format!(
@@ -221,10 +268,19 @@ async fn attempt(spool: &Arc<Spool>, upstream: &dyn Upstream, config: &Config, i
         }
     }
     let pending_left = meta.pending().count();
-    let any_failed = meta.recipients.iter().any(|r| r.status == RecipientStatus::Failed);
+    let any_failed = meta
+        .recipients
+        .iter()
+        .any(|r| r.status == RecipientStatus::Failed);
 
     let retry_at = if pending_left > 0 {
-        Some(now + backoff::delay(config.queue.retry_initial, config.queue.retry_max, meta.attempts))
+        Some(
+            now + backoff::delay(
+                config.queue.retry_initial,
+                config.queue.retry_max,
+                meta.attempts,
+            ),
+        )
     } else {
         None
     };

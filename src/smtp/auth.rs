@@ -12,7 +12,10 @@ use crate::config::UserConfig;
 
 /// Hashes a password the way `[[user]] password_hash` expects it (argon2id, PHC string).
 pub fn hash_password(password: &str) -> Result<String, String> {
-    Argon2::default().hash_password(password.as_bytes()).map(|h| h.to_string()).map_err(|e| e.to_string())
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// The configured device accounts.
@@ -26,7 +29,10 @@ impl Users {
     pub fn new(users: &[UserConfig]) -> Users {
         let decoy = hash_password(&format!("decoy-{}", fastrand::u64(..))).unwrap_or_default();
         Users {
-            hashes: users.iter().map(|u| (u.name.clone(), u.password_hash.clone())).collect(),
+            hashes: users
+                .iter()
+                .map(|u| (u.name.clone(), u.password_hash.clone()))
+                .collect(),
             decoy,
         }
     }
@@ -38,9 +44,13 @@ impl Users {
             None => (false, self.decoy.clone()),
         };
         let password = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || Argon2::default().verify_password(password.as_bytes(), hash.as_str()).is_ok())
-            .await
-            .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || {
+            Argon2::default()
+                .verify_password(password.as_bytes(), hash.as_str())
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
         known && ok
     }
 }
@@ -62,11 +72,17 @@ pub struct AuthGuard {
 
 impl AuthGuard {
     pub fn new(max: u32, ban: Duration) -> AuthGuard {
-        AuthGuard { max: max.max(1), ban, by_ip: Mutex::new(HashMap::new()) }
+        AuthGuard {
+            max: max.max(1),
+            ban,
+            by_ip: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn is_banned(&self, ip: IpAddr) -> bool {
-        let Ok(mut map) = self.by_ip.lock() else { return false };
+        let Ok(mut map) = self.by_ip.lock() else {
+            return false;
+        };
         let now = Instant::now();
         match map.get(&ip).and_then(|f| f.banned_until) {
             Some(until) if until > now => true,
@@ -80,14 +96,22 @@ impl AuthGuard {
 
     /// Counts a failure; returns true if the address is now refused.
     pub fn failure(&self, ip: IpAddr) -> bool {
-        let Ok(mut map) = self.by_ip.lock() else { return false };
+        let Ok(mut map) = self.by_ip.lock() else {
+            return false;
+        };
         let now = Instant::now();
         // Forget stale entries so the map cannot grow without bound.
         if map.len() > 10_000 {
             let ban = self.ban;
-            map.retain(|_, f| f.banned_until.is_some_and(|u| u > now) || now.duration_since(f.since) < ban);
+            map.retain(|_, f| {
+                f.banned_until.is_some_and(|u| u > now) || now.duration_since(f.since) < ban
+            });
         }
-        let f = map.entry(ip).or_insert(Failures { count: 0, since: now, banned_until: None });
+        let f = map.entry(ip).or_insert(Failures {
+            count: 0,
+            since: now,
+            banned_until: None,
+        });
         if now.duration_since(f.since) > self.ban {
             f.count = 0;
             f.since = now;
@@ -115,7 +139,11 @@ mod tests {
     async fn verify_and_decoy() {
         let hash = hash_password("s3cret").unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        let users = Users::new(&[UserConfig { name: "dev".into(), password_hash: hash, account: None }]);
+        let users = Users::new(&[UserConfig {
+            name: "dev".into(),
+            password_hash: hash,
+            account: None,
+        }]);
         assert!(users.verify("dev", "s3cret").await);
         assert!(!users.verify("dev", "nope").await);
         assert!(!users.verify("nobody", "s3cret").await);

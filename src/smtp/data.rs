@@ -133,7 +133,8 @@ mod tests {
         for (n, piece) in wire.chunks(chunk.max(1)).enumerate() {
             let mut input = piece;
             if r.feed(&mut input, &mut out) {
-                let consumed_before: usize = wire.chunks(chunk.max(1)).take(n).map(|c| c.len()).sum();
+                let consumed_before: usize =
+                    wire.chunks(chunk.max(1)).take(n).map(|c| c.len()).sum();
                 let used = piece.len() - input.len();
                 return (out, true, wire[consumed_before + used..].to_vec());
             }
@@ -175,7 +176,10 @@ mod tests {
             let (msg, done, rest) = read(wire, chunk);
             assert!(done, "chunk {chunk}");
             assert!(rest.is_empty());
-            assert_eq!(msg, b"a\r\nb\r\nsmuggle\r\n.\r\nMAIL FROM:<evil@x>\r\nx\r\n\r\n", "chunk {chunk}");
+            assert_eq!(
+                msg, b"a\r\nb\r\nsmuggle\r\n.\r\nMAIL FROM:<evil@x>\r\nx\r\n\r\n",
+                "chunk {chunk}"
+            );
         }
     }
 

@@ -21,7 +21,9 @@ use super::auth::{AuthGuard, Users};
 use super::reply;
 use super::session::{AuthOutcome, Envelope, Session, SessionParams, Step};
 use crate::config::{Config, ListenerConfig, TlsMode};
-use crate::spool::{Client, MessageWriter, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION};
+use crate::spool::{
+    Client, MessageWriter, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION,
+};
 
 const READ_BUFFER: usize = 64 * 1024;
 
@@ -47,7 +49,11 @@ impl Inbound {
 
     fn network_allowed(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
-        self.config.relay.allowed_networks.iter().any(|n| n.contains(&ip))
+        self.config
+            .relay
+            .allowed_networks
+            .iter()
+            .any(|n| n.contains(&ip))
     }
 
     async fn authenticate(&self, ip: IpAddr, user: &str, password: &str) -> AuthOutcome {
@@ -63,7 +69,11 @@ impl Inbound {
         let banned = self.guard.failure(ip);
         warn!(client = %ip, user = %user.escape_debug(), banned, "AUTH failed");
         tokio::time::sleep(self.config.relay.auth_failure_delay).await;
-        if banned { AuthOutcome::Banned } else { AuthOutcome::Failure }
+        if banned {
+            AuthOutcome::Banned
+        } else {
+            AuthOutcome::Failure
+        }
     }
 }
 
@@ -93,7 +103,10 @@ pub async fn serve(
         max_recipients: inbound.config.relay.max_recipients,
         max_errors: inbound.config.relay.max_errors,
     });
-    let local = listener.local_addr().ok();
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut backoff = Duration::from_millis(10);
     loop {
         let accepted = tokio::select! {
@@ -114,14 +127,19 @@ pub async fn serve(
             }
         };
         let _ = tcp.set_nodelay(true);
-        let span = tracing::info_span!("smtp", client = %peer, listener = ?local);
+        let span = tracing::info_span!("smtp", client = %peer, listener = %local);
         let Ok(permit) = inbound.connections.clone().try_acquire_owned() else {
             warn!(parent: &span, "connection refused: max_connections reached");
             tracker.spawn(refuse(tcp, reply::too_many_connections()));
             continue;
         };
-        let (inbound, params, tls, lc_tls, shutdown) =
-            (inbound.clone(), params.clone(), tls.clone(), lc.tls, shutdown.clone());
+        let (inbound, params, tls, lc_tls, shutdown) = (
+            inbound.clone(),
+            params.clone(),
+            tls.clone(),
+            lc.tls,
+            shutdown.clone(),
+        );
         tracker.spawn(
             async move {
                 connection(tcp, peer, lc_tls, tls, params, inbound, shutdown).await;
@@ -148,7 +166,11 @@ enum Conn {
 }
 
 impl AsyncRead for Conn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -157,7 +179,11 @@ impl AsyncRead for Conn {
 }
 
 impl AsyncWrite for Conn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -179,7 +205,12 @@ impl AsyncWrite for Conn {
 
 /// Resolves when the session should be cut off for shutdown: at once when it is idle, at the
 /// end of the grace time when it is mid-transaction.
-async fn shutdown_due(token: &CancellationToken, deadline: &mut Option<Instant>, grace: Duration, busy: bool) {
+async fn shutdown_due(
+    token: &CancellationToken,
+    deadline: &mut Option<Instant>,
+    grace: Duration,
+    busy: bool,
+) {
     let due = match *deadline {
         Some(d) => d,
         None => {
@@ -235,7 +266,12 @@ async fn connection(
         }
         _ => Conn::Plain(tcp),
     };
-    let mut session = Session::new(params.clone(), ip, network_allowed, matches!(conn, Conn::Tls(_)));
+    let mut session = Session::new(
+        params.clone(),
+        ip,
+        network_allowed,
+        matches!(conn, Conn::Tls(_)),
+    );
     let mut buf = vec![0u8; READ_BUFFER];
     let (mut start, mut end) = (0usize, 0usize);
     let mut writer: Option<MessageWriter> = None;
@@ -256,7 +292,11 @@ async fn connection(
                     warn!("session stalled with unread input; closing");
                     break;
                 }
-                let limit = if session.in_data() { relay.data_timeout } else { relay.command_timeout };
+                let limit = if session.in_data() {
+                    relay.data_timeout
+                } else {
+                    relay.command_timeout
+                };
                 let busy = session.busy();
                 tokio::select! {
                     r = tokio::time::timeout(limit, conn.read(&mut buf)) => match r {
@@ -310,11 +350,17 @@ async fn connection(
             }
             Step::Commit(env) => {
                 let Some(w) = writer.take() else {
-                    session.committed(Err(&crate::spool::SpoolError::Io(io::Error::other("no message open"))));
+                    session.committed(Err(&crate::spool::SpoolError::Io(io::Error::other(
+                        "no message open",
+                    ))));
                     continue;
                 };
                 let meta = build_meta(&inbound.config, ip, &env);
-                let (from, rcpts, bare) = (meta.mail_from.clone(), meta.recipients.len(), env.bare_line_endings);
+                let (from, rcpts, bare) = (
+                    meta.mail_from.clone(),
+                    meta.recipients.len(),
+                    env.bare_line_endings,
+                );
                 match w.commit(&inbound.spool, meta).await {
                     Ok(id) => {
                         info!(queue_id = %id, from = %from.escape_debug(), recipients = rcpts, login = ?env.login,
@@ -381,9 +427,19 @@ fn build_meta(config: &Config, ip: IpAddr, env: &Envelope) -> Meta {
         recipients: env
             .recipients
             .iter()
-            .map(|r| Recipient { address: r.clone(), status: RecipientStatus::Pending, attempts: 0, last_reply: None })
+            .map(|r| Recipient {
+                address: r.clone(),
+                status: RecipientStatus::Pending,
+                attempts: 0,
+                last_reply: None,
+            })
             .collect(),
-        client: Client { ip, helo: env.helo.clone(), login: env.login.clone(), tls: env.tls },
+        client: Client {
+            ip,
+            helo: env.helo.clone(),
+            login: env.login.clone(),
+            tls: env.tls,
+        },
         size: 0,
         eight_bit: env.eight_bit,
         smtputf8: env.smtputf8,

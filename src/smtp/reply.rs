@@ -15,7 +15,11 @@ pub struct Reply {
 
 impl Reply {
     pub fn new(code: u16, enhanced: &'static str, text: impl Into<Cow<'static, str>>) -> Reply {
-        Reply { code, enhanced, text: text.into() }
+        Reply {
+            code,
+            enhanced,
+            text: text.into(),
+        }
     }
 
     pub fn is_error(&self) -> bool {
@@ -69,16 +73,28 @@ pub fn too_many_errors() -> Reply {
     Reply::new(421, "4.7.0", "Too many errors on this connection, closing")
 }
 pub fn timeout(host: &str) -> Reply {
-    Reply::new(421, "4.4.2", format!("{host} timeout waiting for client input, closing connection"))
+    Reply::new(
+        421,
+        "4.4.2",
+        format!("{host} timeout waiting for client input, closing connection"),
+    )
 }
 pub fn shutting_down(host: &str) -> Reply {
-    Reply::new(421, "4.3.0", format!("{host} is shutting down, try again later"))
+    Reply::new(
+        421,
+        "4.3.0",
+        format!("{host} is shutting down, try again later"),
+    )
 }
 pub fn too_many_connections() -> Reply {
     Reply::new(421, "4.7.0", "Too many connections, try again later")
 }
 pub fn banned() -> Reply {
-    Reply::new(421, "4.7.0", "Too many failed logins from your address; try again later")
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many failed logins from your address; try again later",
+    )
 }
 pub fn local_error() -> Reply {
     Reply::new(451, "4.3.0", "Local error in processing, try again later")
@@ -87,7 +103,11 @@ pub fn storage_full() -> Reply {
     Reply::new(452, "4.3.1", "Insufficient system storage, try again later")
 }
 pub fn message_too_big(max: u64) -> Reply {
-    Reply::new(552, "5.3.4", format!("Message size exceeds fixed maximum message size ({max} bytes)"))
+    Reply::new(
+        552,
+        "5.3.4",
+        format!("Message size exceeds fixed maximum message size ({max} bytes)"),
+    )
 }
 
 #[cfg(test)]

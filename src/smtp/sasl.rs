@@ -13,7 +13,10 @@ pub struct Credentials {
 
 impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials").field("user", &self.user).field("password", &"<redacted>").finish()
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .finish()
     }
 }
 
@@ -42,7 +45,9 @@ pub fn encode_b64(bytes: &[u8]) -> String {
 pub fn decode_plain(b64: &str) -> Result<Credentials, SaslError> {
     let raw = decode_b64(b64)?;
     let mut parts = raw.split(|&b| b == 0);
-    let (Some(authz), Some(user), Some(pass), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(authz), Some(user), Some(pass), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Err(SaslError::Malformed);
     };
     let user = String::from_utf8(user.to_vec()).map_err(|_| SaslError::Malformed)?;
@@ -68,7 +73,10 @@ mod tests {
         assert_eq!(c.user, "scanner");
         assert_eq!(c.password, "s3cret");
         assert!(decode_plain(&encode_b64(b"scanner\0scanner\0pw")).is_ok());
-        assert_eq!(decode_plain(&encode_b64(b"admin\0scanner\0pw")), Err(SaslError::Malformed));
+        assert_eq!(
+            decode_plain(&encode_b64(b"admin\0scanner\0pw")),
+            Err(SaslError::Malformed)
+        );
         assert_eq!(decode_plain("!!!"), Err(SaslError::Encoding));
         assert!(!format!("{c:?}").contains("s3cret"));
     }

@@ -96,7 +96,9 @@ enum Mode {
     Command,
     SaslPlain,
     SaslLoginUser,
-    SaslLoginPass { user: String },
+    SaslLoginPass {
+        user: String,
+    },
     Data(Box<DataState>),
     /// Waiting for the driver to report back; nothing is consumed.
     Wait,
@@ -120,11 +122,24 @@ pub struct Session {
     errors: u32,
 }
 
-const HTTP_VERBS: [&[u8]; 7] = [b"GET ", b"POST ", b"HEAD ", b"PUT ", b"CONNECT ", b"OPTIONS ", b"DELETE "];
+const HTTP_VERBS: [&[u8]; 7] = [
+    b"GET ",
+    b"POST ",
+    b"HEAD ",
+    b"PUT ",
+    b"CONNECT ",
+    b"OPTIONS ",
+    b"DELETE ",
+];
 
 impl Session {
     /// A new session; `tls` is true on implicit-TLS listeners. The greeting is already queued.
-    pub fn new(params: Arc<SessionParams>, peer: IpAddr, network_allowed: bool, tls: bool) -> Session {
+    pub fn new(
+        params: Arc<SessionParams>,
+        peer: IpAddr,
+        network_allowed: bool,
+        tls: bool,
+    ) -> Session {
         let mut s = Session {
             params,
             peer,
@@ -141,7 +156,8 @@ impl Session {
             errors: 0,
         };
         let banner = format!("{} ESMTP exorelay ready", s.params.hostname);
-        s.outbox.extend_from_slice(format!("220 {banner}\r\n").as_bytes());
+        s.outbox
+            .extend_from_slice(format!("220 {banner}\r\n").as_bytes());
         s
     }
 
@@ -214,7 +230,9 @@ impl Session {
                         // Draining: the excess is read and thrown away, never buffered.
                         self.body.clear();
                     }
-                    if !self.body.is_empty() && (d.finished || input.is_empty() || self.body.len() >= BODY_CHUNK) {
+                    if !self.body.is_empty()
+                        && (d.finished || input.is_empty() || self.body.len() >= BODY_CHUNK)
+                    {
                         return Step::Body;
                     }
                     if !d.finished {
@@ -222,7 +240,10 @@ impl Session {
                     }
                     return self.finish_data();
                 }
-                Mode::Command | Mode::SaslPlain | Mode::SaslLoginUser | Mode::SaslLoginPass { .. } => {
+                Mode::Command
+                | Mode::SaslPlain
+                | Mode::SaslLoginUser
+                | Mode::SaslLoginPass { .. } => {
                     let Some(line) = self.take_line(input) else {
                         return Step::Read;
                     };
@@ -287,7 +308,11 @@ impl Session {
 
     fn command(&mut self, line: &[u8]) -> Option<Step> {
         if HTTP_VERBS.iter().any(|v| line.starts_with(v)) {
-            self.reply(Reply::new(554, "5.7.0", "This is an SMTP server, not a web server; closing"));
+            self.reply(Reply::new(
+                554,
+                "5.7.0",
+                "This is an SMTP server, not a web server; closing",
+            ));
             self.mode = Mode::Closing;
             return Some(Step::Close);
         }
@@ -298,7 +323,9 @@ impl Session {
             return self.helo(String::new(), upper == b"EHLO");
         }
         let parsed = Request::parse(&mut line.iter()).or_else(|e| match bracket_address(line) {
-            Some(fixed) => Request::parse(&mut fixed.iter()).map(Request::into_owned).map(owned_to_cow),
+            Some(fixed) => Request::parse(&mut fixed.iter())
+                .map(Request::into_owned)
+                .map(owned_to_cow),
             None => Err(e),
         });
         let request = match parsed {
@@ -317,7 +344,10 @@ impl Session {
                 None
             }
             Request::StartTls => self.starttls(),
-            Request::Auth { mechanism, initial_response } => self.auth(mechanism, &initial_response),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response),
             Request::Mail { from } => {
                 self.mail(from.address.trim(), from.flags, from.size as u64);
                 None
@@ -328,7 +358,11 @@ impl Session {
             }
             Request::Data => self.data(),
             Request::Bdat { .. } => {
-                self.reply(Reply::new(502, "5.5.1", "BDAT is not supported here; use DATA"));
+                self.reply(Reply::new(
+                    502,
+                    "5.5.1",
+                    "BDAT is not supported here; use DATA",
+                ));
                 None
             }
             Request::Rset => {
@@ -355,7 +389,11 @@ impl Session {
                 None
             }
             Request::Vrfy { .. } => {
-                self.reply(Reply::new(252, "2.5.0", "Cannot VRFY user, but will accept the message and attempt delivery"));
+                self.reply(Reply::new(
+                    252,
+                    "2.5.0",
+                    "Cannot VRFY user, but will accept the message and attempt delivery",
+                ));
                 None
             }
             Request::Expn { .. }
@@ -378,8 +416,16 @@ impl Session {
             self.reply(Reply::new(250, "", greeting));
             return None;
         }
-        let mut lines = vec![greeting, "PIPELINING".into(), format!("SIZE {}", p.max_message_size)];
-        lines.extend(["8BITMIME".into(), "ENHANCEDSTATUSCODES".into(), "SMTPUTF8".into()]);
+        let mut lines = vec![
+            greeting,
+            "PIPELINING".into(),
+            format!("SIZE {}", p.max_message_size),
+        ];
+        lines.extend([
+            "8BITMIME".into(),
+            "ENHANCEDSTATUSCODES".into(),
+            "SMTPUTF8".into(),
+        ]);
         if p.starttls && !self.tls {
             lines.push("STARTTLS".into());
         }
@@ -395,7 +441,11 @@ impl Session {
 
     fn starttls(&mut self) -> Option<Step> {
         if !self.params.starttls {
-            self.reply(Reply::new(502, "5.5.1", "STARTTLS is not offered on this port"));
+            self.reply(Reply::new(
+                502,
+                "5.5.1",
+                "STARTTLS is not offered on this port",
+            ));
             return None;
         }
         if self.tls {
@@ -428,11 +478,17 @@ impl Session {
             return None;
         }
         if self.envelope.is_some() {
-            self.reply(reply::bad_sequence("AUTH is not allowed during a mail transaction"));
+            self.reply(reply::bad_sequence(
+                "AUTH is not allowed during a mail transaction",
+            ));
             return None;
         }
         if self.params.auth == AuthMode::Off {
-            self.reply(Reply::new(502, "5.5.1", "Authentication is not enabled on this port"));
+            self.reply(Reply::new(
+                502,
+                "5.5.1",
+                "Authentication is not enabled on this port",
+            ));
             return None;
         }
         if !self.auth_available() {
@@ -460,14 +516,22 @@ impl Session {
             }
             return self.login_user(initial);
         }
-        self.reply(Reply::new(504, "5.5.4", "Unrecognized authentication type; use PLAIN or LOGIN"));
+        self.reply(Reply::new(
+            504,
+            "5.5.4",
+            "Unrecognized authentication type; use PLAIN or LOGIN",
+        ));
         None
     }
 
     fn sasl_error(&mut self, e: SaslError) -> Option<Step> {
         self.mode = Mode::Command;
         match e {
-            SaslError::Encoding => self.reply(Reply::new(501, "5.5.2", "Cannot decode the AUTH response (base64 expected)")),
+            SaslError::Encoding => self.reply(Reply::new(
+                501,
+                "5.5.2",
+                "Cannot decode the AUTH response (base64 expected)",
+            )),
             SaslError::Malformed => self.reply(Reply::new(501, "5.5.2", "Malformed AUTH response")),
         }
         None
@@ -527,7 +591,11 @@ impl Session {
                 self.login = Some(user.to_string());
                 self.reply(Reply::new(235, "2.7.0", "Authentication successful"));
             }
-            AuthOutcome::Failure => self.reply(Reply::new(535, "5.7.8", "Authentication credentials invalid")),
+            AuthOutcome::Failure => self.reply(Reply::new(
+                535,
+                "5.7.8",
+                "Authentication credentials invalid",
+            )),
             AuthOutcome::Banned => self.reply(reply::banned()),
         }
     }
@@ -540,17 +608,27 @@ impl Session {
             return self.reply(reply::bad_sequence("Nested MAIL command; send RSET first"));
         }
         if !self.may_relay() {
-            let r = if self.params.auth != AuthMode::Off && (self.auth_available() || self.params.starttls) {
+            let r = if self.params.auth != AuthMode::Off
+                && (self.auth_available() || self.params.starttls)
+            {
                 Reply::new(530, "5.7.0", "Authentication required")
             } else {
-                Reply::new(550, "5.7.1", "Relaying denied: your address is not allowed to send through this relay")
+                Reply::new(
+                    550,
+                    "5.7.1",
+                    "Relaying denied: your address is not allowed to send through this relay",
+                )
             };
             return self.reply(r);
         }
         if declared > self.params.max_message_size {
             return self.reply(reply::message_too_big(self.params.max_message_size));
         }
-        let helo = self.helo.as_ref().map(|(h, _)| h.clone()).unwrap_or_default();
+        let helo = self
+            .helo
+            .as_ref()
+            .map(|(h, _)| h.clone())
+            .unwrap_or_default();
         self.envelope = Some(Envelope {
             mail_from: strip_brackets(from).to_string(),
             recipients: Vec::new(),
@@ -574,7 +652,11 @@ impl Session {
             return self.reply(Reply::new(501, "5.1.3", "Bad recipient address syntax"));
         }
         if env.recipients.len() >= max {
-            return self.reply(Reply::new(452, "4.5.3", format!("Too many recipients (at most {max} per message)")));
+            return self.reply(Reply::new(
+                452,
+                "4.5.3",
+                format!("Too many recipients (at most {max} per message)"),
+            ));
         }
         env.recipients.push(to.to_string());
         self.reply(Reply::new(250, "2.1.5", "Recipient OK"));
@@ -611,7 +693,9 @@ impl Session {
             return self.reply(reply::local_error());
         };
         self.body.clear();
-        self.body.extend_from_slice(received_header(&self.params.hostname, self.peer, env, &id).as_bytes());
+        self.body.extend_from_slice(
+            received_header(&self.params.hostname, self.peer, env, &id).as_bytes(),
+        );
         let size = self.body.len() as u64;
         self.mode = Mode::Data(Box::new(DataState {
             reader: DotReader::new(),
@@ -620,7 +704,11 @@ impl Session {
             failed: None,
             finished: false,
         }));
-        self.reply(Reply::new(354, "", "Start mail input; end with <CRLF>.<CRLF>"));
+        self.reply(Reply::new(
+            354,
+            "",
+            "Start mail input; end with <CRLF>.<CRLF>",
+        ));
     }
 
     /// The driver's answer to [`Step::Body`]. On error the rest of the message is drained and
@@ -681,9 +769,15 @@ fn parse_error_reply(e: smtp_proto::Error) -> Reply {
         E::InvalidSenderAddress => Reply::new(501, "5.1.7", "Bad sender address syntax"),
         E::InvalidRecipientAddress => Reply::new(501, "5.1.3", "Bad recipient address syntax"),
         E::SyntaxError { syntax } => reply::syntax(format!("Syntax: {syntax}")),
-        E::InvalidParameter { param } => reply::syntax(format!("Invalid value for parameter {param}")),
+        E::InvalidParameter { param } => {
+            reply::syntax(format!("Invalid value for parameter {param}"))
+        }
         E::UnsupportedParameter { param } => {
-            let p: String = param.chars().filter(|c| c.is_ascii_graphic()).take(32).collect();
+            let p: String = param
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(32)
+                .collect();
             Reply::new(555, "5.5.4", format!("Unsupported parameter {p}"))
         }
         _ => Reply::new(500, "5.5.2", "Syntax error"),
@@ -701,9 +795,14 @@ fn owned_to_cow(r: Request<String>) -> Request<Cow<'static, str>> {
             },
         },
         Request::Rcpt { to } => Request::Rcpt {
-            to: smtp_proto::RcptTo { address: Cow::Owned(to.address), ..Default::default() },
+            to: smtp_proto::RcptTo {
+                address: Cow::Owned(to.address),
+                ..Default::default()
+            },
         },
-        _ => Request::Noop { value: Cow::Borrowed("") },
+        _ => Request::Noop {
+            value: Cow::Borrowed(""),
+        },
     }
 }
 
@@ -712,7 +811,10 @@ fn owned_to_cow(r: Request<String>) -> Request<Cow<'static, str>> {
 fn bracket_address(line: &[u8]) -> Option<Vec<u8>> {
     let text = std::str::from_utf8(line).ok()?;
     let upper = text.to_ascii_uppercase();
-    let prefix_len = ["MAIL FROM:", "RCPT TO:"].iter().find(|p| upper.starts_with(*p))?.len();
+    let prefix_len = ["MAIL FROM:", "RCPT TO:"]
+        .iter()
+        .find(|p| upper.starts_with(*p))?
+        .len();
     let rest = text[prefix_len..].trim_start();
     let rest = rest.trim_end_matches(['\r', '\n']);
     let (addr, params) = match rest.find(' ') {
@@ -739,8 +841,16 @@ fn trim_line(line: &[u8]) -> &[u8] {
 /// The HELO name as it may appear in headers: printable ASCII only, bounded length; the
 /// client's address literal when it gave nothing usable.
 fn sanitize_helo(host: &str, peer: IpAddr) -> String {
-    let clean: String = host.chars().filter(|c| c.is_ascii_graphic()).take(255).collect();
-    if clean.is_empty() { format!("[{peer}]") } else { clean }
+    let clean: String = host
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(255)
+        .collect();
+    if clean.is_empty() {
+        format!("[{peer}]")
+    } else {
+        clean
+    }
 }
 
 /// The trace header prepended to every message (RFC 5321 §4.4; protocol names per RFC 3848).
@@ -753,7 +863,10 @@ pub fn received_header(hostname: &str, peer: IpAddr, env: &Envelope, id: &str) -
         (_, false, false) => "ESMTP",
     };
     let for_clause = match env.recipients.as_slice() {
-        [one] => format!("\r\n\tfor <{}>", one.chars().filter(|c| !c.is_control()).collect::<String>()),
+        [one] => format!(
+            "\r\n\tfor <{}>",
+            one.chars().filter(|c| !c.is_control()).collect::<String>()
+        ),
         _ => String::new(),
     };
     let date = chrono::Utc::now().to_rfc2822();
@@ -811,7 +924,11 @@ mod tests {
                         }
                     }
                     Step::Authenticate(c) => {
-                        let ok = if c.password == "pw" { AuthOutcome::Success } else { AuthOutcome::Failure };
+                        let ok = if c.password == "pw" {
+                            AuthOutcome::Success
+                        } else {
+                            AuthOutcome::Failure
+                        };
                         self.s.auth_result(&c.user, ok);
                     }
                     Step::OpenMessage => self.s.message_opened(Ok("ID1".into())),
@@ -840,26 +957,37 @@ mod tests {
     }
 
     fn codes(out: &str) -> Vec<&str> {
-        out.lines().filter(|l| l.as_bytes().get(3) == Some(&b' ')).map(|l| &l[..3]).collect()
+        out.lines()
+            .filter(|l| l.as_bytes().get(3) == Some(&b' '))
+            .map(|l| &l[..3])
+            .collect()
     }
 
     #[test]
     fn pipelined_transaction() {
         let mut h = Harness::new(params(AuthMode::Optional, false, false), true);
         let out = h.feed(b"EHLO dev\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nDATA\r\nSubject: t\r\n\r\nhello\r\n.\r\nQUIT\r\n");
-        assert_eq!(codes(&out), ["250", "250", "250", "354", "250", "221"], "{out}");
+        assert_eq!(
+            codes(&out),
+            ["250", "250", "250", "354", "250", "221"],
+            "{out}"
+        );
         assert!(out.contains("queued as ID1"));
         assert!(h.closed);
         assert_eq!(h.committed[0].recipients, ["b@y"]);
         let body = String::from_utf8(h.body.clone()).unwrap();
-        assert!(body.starts_with("Received: from dev ([127.0.0.2])"), "{body}");
+        assert!(
+            body.starts_with("Received: from dev ([127.0.0.2])"),
+            "{body}"
+        );
         assert!(body.ends_with("Subject: t\r\n\r\nhello\r\n"), "{body}");
     }
 
     #[test]
     fn addresses_without_brackets_and_helo() {
         let mut h = Harness::new(params(AuthMode::Optional, false, false), true);
-        let out = h.feed(b"HELO\r\nMAIL FROM: scanner@printer.local\r\nRCPT TO:boss@example.com\r\n");
+        let out =
+            h.feed(b"HELO\r\nMAIL FROM: scanner@printer.local\r\nRCPT TO:boss@example.com\r\n");
         assert_eq!(codes(&out), ["250", "250", "250"], "{out}");
         let out = h.feed(b"DATA\r\nx\r\n.\r\n");
         assert!(out.contains("queued"), "{out}");
@@ -880,7 +1008,13 @@ mod tests {
     #[test]
     fn auth_plain_and_login() {
         let mut h = Harness::new(params(AuthMode::Optional, true, false), false);
-        let out = h.feed(format!("EHLO d\r\nAUTH PLAIN {}\r\nMAIL FROM:<a@x>\r\n", sasl::encode_b64(b"\0dev\0pw")).as_bytes());
+        let out = h.feed(
+            format!(
+                "EHLO d\r\nAUTH PLAIN {}\r\nMAIL FROM:<a@x>\r\n",
+                sasl::encode_b64(b"\0dev\0pw")
+            )
+            .as_bytes(),
+        );
         assert!(out.contains("AUTH PLAIN LOGIN"), "{out}");
         assert!(out.contains("235 2.7.0"), "{out}");
         assert!(out.contains("250 2.1.0"), "{out}");
@@ -918,7 +1052,10 @@ mod tests {
         let out = h.feed(b"RCPT TO:<b@y>\r\n");
         assert!(out.starts_with("503"), "{out}");
         let out = h.feed(b"EHLO d\r\n");
-        assert!(out.contains("AUTH PLAIN LOGIN") && !out.contains("STARTTLS"), "{out}");
+        assert!(
+            out.contains("AUTH PLAIN LOGIN") && !out.contains("STARTTLS"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ pub struct Client {
 
 impl Meta {
     pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
-        self.recipients.iter().filter(|r| r.status == RecipientStatus::Pending)
+        self.recipients
+            .iter()
+            .filter(|r| r.status == RecipientStatus::Pending)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -103,7 +105,12 @@ mod tests {
                 attempts: 0,
                 last_reply: None,
             }],
-            client: Client { ip: "127.0.0.1".parse().unwrap(), helo: "x".into(), login: None, tls: false },
+            client: Client {
+                ip: "127.0.0.1".parse().unwrap(),
+                helo: "x".into(),
+                login: None,
+                tls: false,
+            },
             size: 42,
             eight_bit: true,
             smtputf8: false,

@@ -81,7 +81,8 @@ pub fn new_queue_id() -> String {
     let mut prev = LAST_ID_MICROS.load(Ordering::Relaxed);
     let micros = loop {
         let next = now.max(prev + 1);
-        match LAST_ID_MICROS.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+        match LAST_ID_MICROS.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed)
+        {
             Ok(_) => break next,
             Err(p) => prev = p,
         }
@@ -91,7 +92,9 @@ pub fn new_queue_id() -> String {
 
 /// True for strings that look like our queue IDs (guards every path built from an ID).
 pub fn is_queue_id(s: &str) -> bool {
-    s.len() == 17 && s.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    s.len() == 17
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -113,10 +116,13 @@ impl Spool {
             committed_rx: Mutex::new(Some(rx)),
         };
         for d in [&spool.tmp, &spool.queue, &spool.failed, &spool.corrupt] {
-            std::fs::create_dir_all(d).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
         }
         let recovered = spool.recover()?;
-        spool.count.store(recovered.messages.len(), Ordering::SeqCst);
+        spool
+            .count
+            .store(recovered.messages.len(), Ordering::SeqCst);
         Ok((spool, recovered))
     }
 
@@ -165,13 +171,23 @@ impl Spool {
 
     /// Makes a fully written, fsynced message visible in `queue/` (steps 3-4 of the protocol).
     fn publish(&self, id: &str) -> io::Result<()> {
-        std::fs::rename(self.tmp.join(format!("{id}.eml")), self.queue.join(format!("{id}.eml")))?;
-        std::fs::rename(self.tmp.join(format!("{id}.json")), self.queue.join(format!("{id}.json")))?;
+        std::fs::rename(
+            self.tmp.join(format!("{id}.eml")),
+            self.queue.join(format!("{id}.eml")),
+        )?;
+        std::fs::rename(
+            self.tmp.join(format!("{id}.json")),
+            self.queue.join(format!("{id}.json")),
+        )?;
         fsync_dir(&self.queue)
     }
 
     fn write_file_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
         f.write_all(bytes)?;
         f.sync_all()
     }
@@ -205,7 +221,10 @@ impl Spool {
         let tmp = self.tmp.join(format!("{id}.json.fail"));
         Self::write_file_synced(&tmp, &meta.encode())?;
         std::fs::rename(&tmp, self.failed.join(format!("{id}.json")))?;
-        std::fs::rename(self.queue.join(format!("{id}.eml")), self.failed.join(format!("{id}.eml")))?;
+        std::fs::rename(
+            self.queue.join(format!("{id}.eml")),
+            self.failed.join(format!("{id}.eml")),
+        )?;
         fsync_dir(&self.failed)?;
         std::fs::remove_file(self.queue.join(format!("{id}.json")))?;
         self.count.fetch_sub(1, Ordering::SeqCst);
@@ -238,7 +257,9 @@ impl Spool {
                 Some((id, "json")) if is_queue_id(id) => {
                     metas.insert(id.to_string(), entry.path());
                 }
-                _ => tracing::warn!(file = %entry.path().display(), "unexpected file in the spool's queue folder; left alone"),
+                _ => {
+                    tracing::warn!(file = %entry.path().display(), "unexpected file in the spool's queue folder; left alone")
+                }
             }
         }
         for (id, path) in &metas {
@@ -256,7 +277,13 @@ impl Spool {
             let parsed = std::fs::read(path)
                 .map_err(|e| e.to_string())
                 .and_then(|b| Meta::decode(&b))
-                .and_then(|m| if &m.id == id { Ok(m) } else { Err(format!("meta names ID {}", m.id)) });
+                .and_then(|m| {
+                    if &m.id == id {
+                        Ok(m)
+                    } else {
+                        Err(format!("meta names ID {}", m.id))
+                    }
+                });
             match parsed {
                 Ok(meta) => out.messages.push(meta),
                 Err(reason) => {
@@ -298,16 +325,27 @@ impl MessageWriter {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
-        self.file.write_all(bytes).await.map_err(SpoolError::from_io)?;
+        self.file
+            .write_all(bytes)
+            .await
+            .map_err(SpoolError::from_io)?;
         self.written += bytes.len() as u64;
         Ok(())
     }
 
     /// Durably commits the message. `meta.id` and `meta.size` are filled in here. When this
     /// returns `Ok`, the message survives a crash and the client may be told 250.
-    pub async fn commit(mut self, spool: &std::sync::Arc<Spool>, mut meta: Meta) -> Result<String, SpoolError> {
+    pub async fn commit(
+        mut self,
+        spool: &std::sync::Arc<Spool>,
+        mut meta: Meta,
+    ) -> Result<String, SpoolError> {
         self.file.flush().await.map_err(SpoolError::from_io)?;
-        self.file.get_ref().sync_all().await.map_err(SpoolError::from_io)?;
+        self.file
+            .get_ref()
+            .sync_all()
+            .await
+            .map_err(SpoolError::from_io)?;
         meta.id = self.id.clone();
         meta.size = self.written;
         let spool = spool.clone();
@@ -358,7 +396,12 @@ mod tests {
                 attempts: 0,
                 last_reply: None,
             }],
-            client: Client { ip: "127.0.0.1".parse().unwrap(), helo: "h".into(), login: None, tls: false },
+            client: Client {
+                ip: "127.0.0.1".parse().unwrap(),
+                helo: "h".into(),
+                login: None,
+                tls: false,
+            },
             size: 0,
             eight_bit: false,
             smtputf8: false,
@@ -389,11 +432,21 @@ mod tests {
         // A half-written message and an orphan body, as a crash would leave them.
         let half = spool.create().await.unwrap();
         std::mem::forget(half);
-        std::fs::write(dir.path().join("queue").join(format!("{}.eml", new_queue_id())), b"x").unwrap();
+        std::fs::write(
+            dir.path()
+                .join("queue")
+                .join(format!("{}.eml", new_queue_id())),
+            b"x",
+        )
+        .unwrap();
         // Garbage meta for another message.
         let bad = new_queue_id();
         std::fs::write(dir.path().join("queue").join(format!("{bad}.eml")), b"x").unwrap();
-        std::fs::write(dir.path().join("queue").join(format!("{bad}.json")), b"{garbage").unwrap();
+        std::fs::write(
+            dir.path().join("queue").join(format!("{bad}.json")),
+            b"{garbage",
+        )
+        .unwrap();
         drop(spool);
 
         let (spool, rec) = Spool::open(dir.path(), 10).unwrap();
@@ -402,9 +455,20 @@ mod tests {
         assert_eq!(rec.messages[0].size, 20);
         assert_eq!(rec.removed, 2);
         assert_eq!(rec.quarantined, 1);
-        assert!(dir.path().join("corrupt").join(format!("{bad}.json")).exists());
-        assert_eq!(std::fs::read(spool.body_path(&id)).unwrap(), b"Subject: x\r\n\r\nbody\r\n");
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert!(
+            dir.path()
+                .join("corrupt")
+                .join(format!("{bad}.json"))
+                .exists()
+        );
+        assert_eq!(
+            std::fs::read(spool.body_path(&id)).unwrap(),
+            b"Subject: x\r\n\r\nbody\r\n"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
     }
 
     #[tokio::test]

@@ -30,7 +30,8 @@ struct Record<'a> {
 
 impl Capture {
     pub fn new(dir: PathBuf) -> io::Result<Capture> {
-        std::fs::create_dir_all(&dir).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         Ok(Capture { dir })
     }
 
@@ -66,14 +67,23 @@ impl Capture {
 impl Upstream for Capture {
     fn deliver<'a>(&'a self, job: &'a Job<'a>) -> BoxFuture<'a, Vec<Outcome>> {
         Box::pin(async move {
-            let (dir, meta, body, rcpts) = (self.dir.clone(), job.meta.clone(), job.body.clone(), job.recipients.clone());
+            let (dir, meta, body, rcpts) = (
+                self.dir.clone(),
+                job.meta.clone(),
+                job.body.clone(),
+                job.recipients.clone(),
+            );
             let n = rcpts.len();
-            let result = tokio::task::spawn_blocking(move || Capture::write(&dir, &meta, &body, &rcpts))
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+            let result =
+                tokio::task::spawn_blocking(move || Capture::write(&dir, &meta, &body, &rcpts))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
             let outcome = match result {
                 Ok(()) => Outcome::Delivered(format!("captured into {}", self.dir.display())),
-                Err(e) => Outcome::Temporary(format!("cannot write into capture folder {}: {e}", self.dir.display())),
+                Err(e) => Outcome::Temporary(format!(
+                    "cannot write into capture folder {}: {e}",
+                    self.dir.display()
+                )),
             };
             vec![outcome; n]
         })

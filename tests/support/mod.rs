@@ -48,7 +48,11 @@ pub fn init_logs() {
 }
 
 pub fn logs() -> String {
-    LOGS.get().map(|b| String::from_utf8_lossy(&b.lock().map(|v| v.clone()).unwrap_or_default()).into_owned()).unwrap_or_default()
+    LOGS.get()
+        .map(|b| {
+            String::from_utf8_lossy(&b.lock().map(|v| v.clone()).unwrap_or_default()).into_owned()
+        })
+        .unwrap_or_default()
 }
 
 /// Fails if any of `secrets` appears in the logs so far.
@@ -74,7 +78,11 @@ pub fn make_cert(dir: &Path) -> TestCert {
     let key_path = dir.join("key.pem");
     std::fs::write(&cert_path, ck.cert.pem()).unwrap();
     std::fs::write(&key_path, ck.signing_key.serialize_pem()).unwrap();
-    TestCert { cert_pem: ck.cert.pem(), cert_path, key_path }
+    TestCert {
+        cert_pem: ck.cert.pem(),
+        cert_path,
+        key_path,
+    }
 }
 
 pub fn tls_connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
@@ -126,12 +134,20 @@ impl TestRelay {
             .replace("{hash}", password_hash());
         let path = dir.path().join("exorelay.toml");
         std::fs::write(&path, &text).unwrap();
-        let config = Arc::new(Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}")));
+        let config =
+            Arc::new(Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}")));
         let listeners = exorelay::bind_listeners(&config).await.unwrap();
         let addrs = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(exorelay::run(config.clone(), listeners, shutdown.clone()));
-        TestRelay { dir, addrs, shutdown, task: Some(task), config, cert }
+        TestRelay {
+            dir,
+            addrs,
+            shutdown,
+            task: Some(task),
+            config,
+            cert,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -167,9 +183,15 @@ pub fn basic_config(extra_relay: &str) -> String {
     ];
     let overridden = |line: &str| {
         let key = line.split('=').next().unwrap_or("").trim();
-        extra_relay.lines().any(|l| l.split('=').next().unwrap_or("").trim() == key)
+        extra_relay
+            .lines()
+            .any(|l| l.split('=').next().unwrap_or("").trim() == key)
     };
-    let relay: Vec<&str> = defaults.iter().copied().filter(|l| !overridden(l)).collect();
+    let relay: Vec<&str> = defaults
+        .iter()
+        .copied()
+        .filter(|l| !overridden(l))
+        .collect();
     format!(
         r#"
 [[listener]]
@@ -198,7 +220,11 @@ dir = "{{dir}}/capture"
 pub async fn wait_exists(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} never appeared", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -223,7 +249,12 @@ pub async fn wait_captured(dir: &Path, n: usize) -> Vec<(String, Vec<u8>)> {
             found.sort();
             return found;
         }
-        assert!(Instant::now() < deadline, "only {} of {n} messages captured in {}", found.len(), dir.display());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} messages captured in {}",
+            found.len(),
+            dir.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -233,7 +264,12 @@ pub fn strip_received(eml: &[u8]) -> &[u8] {
     assert!(eml.starts_with(b"Received: "), "no Received header first");
     let mut i = 0;
     loop {
-        let end = eml[i..].windows(2).position(|w| w == b"\r\n").expect("header line end") + i + 2;
+        let end = eml[i..]
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("header line end")
+            + i
+            + 2;
         i = end;
         if !matches!(eml.get(i), Some(b' ') | Some(b'\t')) {
             return &eml[i..];
@@ -253,7 +289,9 @@ pub struct Dialog {
 impl Dialog {
     pub async fn connect(addr: SocketAddr) -> Dialog {
         let s = TcpStream::connect(addr).await.unwrap();
-        Dialog { io: BufReader::new(Box::new(s)) }
+        Dialog {
+            io: BufReader::new(Box::new(s)),
+        }
     }
 
     /// Connects from a chosen loopback source address (e.g. 127.0.0.2).
@@ -261,11 +299,15 @@ impl Dialog {
         let sock = TcpSocket::new_v4().unwrap();
         sock.bind(SocketAddr::new(src, 0)).unwrap();
         let s = sock.connect(addr).await.unwrap();
-        Dialog { io: BufReader::new(Box::new(s)) }
+        Dialog {
+            io: BufReader::new(Box::new(s)),
+        }
     }
 
     pub fn from_stream(s: Box<dyn Io>) -> Dialog {
-        Dialog { io: BufReader::new(s) }
+        Dialog {
+            io: BufReader::new(s),
+        }
     }
 
     pub async fn send(&mut self, line: &str) {
@@ -299,7 +341,10 @@ impl Dialog {
 
     /// Reads a reply and asserts it starts with `prefix` (e.g. "250" or "550 5.7.1").
     pub async fn expect(&mut self, prefix: &str) -> String {
-        let r = self.reply().await.unwrap_or_else(|| panic!("connection closed; expected {prefix}"));
+        let r = self
+            .reply()
+            .await
+            .unwrap_or_else(|| panic!("connection closed; expected {prefix}"));
         let last = r.lines().last().unwrap_or("");
         assert!(last.starts_with(prefix), "expected {prefix}, got {r:?}");
         r
@@ -320,7 +365,9 @@ impl Dialog {
         let inner = self.io.into_inner();
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let s = tls_connector(cert_pem).connect(name, inner).await.unwrap();
-        Dialog { io: BufReader::new(Box::new(s)) }
+        Dialog {
+            io: BufReader::new(Box::new(s)),
+        }
     }
 
     /// A whole transaction; returns the queue ID from the 250.
