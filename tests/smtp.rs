@@ -571,3 +571,71 @@ async fn expired_message_moves_to_failed() {
             .exists()
     );
 }
+
+/// Unmounts the small filesystem when the test ends, pass or fail.
+struct Mounted(std::path::PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_disk_gets_452_and_loses_nothing() {
+    // A 1 MB filesystem for the spool; needs root (CI runs as root).
+    let small = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(small.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("SKIPPED: cannot mount a small tmpfs (needs root)");
+        return;
+    }
+    let _guard = Mounted(small.path().to_path_buf());
+    let cfg = basic_config("").replace(
+        "dir = \"{dir}/spool\"",
+        &format!("dir = \"{}\"", small.path().display()),
+    );
+    let relay = TestRelay::start(&cfg).await;
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO d", "250").await;
+    c.send_mail(
+        "a@x.example",
+        &["r@example.com"],
+        b"Subject: before\r\n\r\nfits\r\n",
+    )
+    .await;
+    // 3 MB does not fit: the partial file is removed and the client told to retry later.
+    c.cmd("MAIL FROM:<a@x.example>", "250").await;
+    c.cmd("RCPT TO:<r@example.com>", "250").await;
+    c.cmd("DATA", "354").await;
+    let line = [b'y'; 1000];
+    for _ in 0..3000 {
+        c.send_raw(&line).await;
+        c.send_raw(b"\r\n").await;
+    }
+    c.send_raw(b".\r\n").await;
+    c.expect("452 4.3.1").await;
+    assert_eq!(
+        std::fs::read_dir(small.path().join("tmp")).unwrap().count(),
+        0,
+        "partial file left behind"
+    );
+    // Space is back: the next message is accepted and both good ones are delivered.
+    c.send_mail(
+        "a@x.example",
+        &["r@example.com"],
+        b"Subject: after\r\n\r\nfits\r\n",
+    )
+    .await;
+    let got = wait_captured(&relay.path("capture"), 2).await;
+    assert_eq!(got.len(), 2);
+}
