@@ -138,6 +138,14 @@ pub struct QueueConfig {
     /// Messages in the spool above which new mail is refused with `452 4.3.1`.
     #[serde(default = "default_max_messages")]
     pub max_messages: usize,
+    /// Who gets a delivery status notification when a message fails.
+    #[serde(default = "default_dsn")]
+    pub dsn: DsnTo,
+    /// Address for `dsn = "admin"` or `"both"`.
+    pub admin_address: Option<String>,
+    /// While an account is paused by a configuration error, how often one message is tried.
+    #[serde(default = "default_probe_interval", deserialize_with = "de_duration")]
+    pub probe_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -145,6 +153,61 @@ pub struct QueueConfig {
 pub enum AccountKind {
     /// Write each message into a local folder (quickstart, testing, archiving).
     Capture,
+    /// Submit to Exchange Online over STARTTLS with AUTH XOAUTH2.
+    Exchange,
+}
+
+/// Microsoft cloud: sets the Entra authority, the token scope and the SMTP host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Cloud {
+    Global,
+    Usgov,
+    China,
+}
+
+impl Cloud {
+    pub fn authority(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://login.microsoftonline.com",
+            Cloud::Usgov => "https://login.microsoftonline.us",
+            Cloud::China => "https://login.partner.microsoftonline.cn",
+        }
+    }
+    pub fn scope(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://outlook.office365.com/.default",
+            Cloud::Usgov => "https://outlook.office365.us/.default",
+            Cloud::China => "https://partner.outlook.cn/.default",
+        }
+    }
+    pub fn smtp_host(self) -> &'static str {
+        match self {
+            Cloud::Global => "smtp.office365.com",
+            Cloud::Usgov => "smtp.office365.us",
+            Cloud::China => "smtp.partner.outlook.cn",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RewriteFrom {
+    /// Envelope sender and `From:` become the mailbox (Exchange refuses other senders unless
+    /// the mailbox holds SendAs on them).
+    Always,
+    /// Send as the device wrote it.
+    Never,
+}
+
+/// Signature algorithm of the client assertion for certificate credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum AssertionAlgorithm {
+    /// RSA-PSS with SHA-256 and an `x5t#S256` thumbprint (Microsoft's current format).
+    Ps256,
+    /// RSA PKCS#1 v1.5 with SHA-256 and a SHA-1 `x5t` thumbprint (older format).
+    Rs256,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -154,9 +217,53 @@ pub struct AccountConfig {
     pub kind: AccountKind,
     /// `capture`: the folder messages are written to.
     pub dir: Option<PathBuf>,
-    /// Deliveries of this account that may run at once.
+    /// Deliveries of this account that may run at once (for `exchange`: SMTP connections).
     #[serde(default = "default_account_connections")]
     pub max_connections: usize,
+
+    // ---- exchange ----
+    /// The sending mailbox (the XOAUTH2 `user=`).
+    pub mailbox: Option<String>,
+    /// Entra tenant: GUID or verified domain.
+    pub tenant: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    /// Certificate (PEM) registered on the app; with `private_key_file` instead of a secret.
+    pub certificate_file: Option<PathBuf>,
+    pub private_key_file: Option<PathBuf>,
+    #[serde(default = "default_assertion_algorithm")]
+    pub assertion_algorithm: AssertionAlgorithm,
+    #[serde(default = "default_cloud")]
+    pub cloud: Cloud,
+    /// Overrides the cloud's Entra authority (scheme and host).
+    pub authority_url: Option<String>,
+    pub smtp_host: Option<String>,
+    pub smtp_port: Option<u16>,
+    /// Extra CA certificates (PEM) trusted for SMTP and HTTPS, beside the system roots.
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_rewrite_from")]
+    pub rewrite_from: RewriteFrom,
+    #[serde(default = "default_messages_per_minute")]
+    pub max_messages_per_minute: u32,
+    #[serde(default = "default_recipients_per_day")]
+    pub max_recipients_per_day: u32,
+    /// Messages with more recipients are sent as several transactions.
+    #[serde(default = "default_recipients_per_message")]
+    pub max_recipients_per_message: usize,
+    /// The window `max_messages_per_minute` counts over. Leave at one minute for Exchange; tests
+    /// shrink it to run a rate-limit scenario in seconds.
+    #[serde(default = "default_rate_window", deserialize_with = "de_duration")]
+    pub rate_window: Duration,
+}
+
+/// Where delivery status notifications for failed messages go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DsnTo {
+    Sender,
+    Admin,
+    Both,
+    None,
 }
 
 // ---- defaults: the one place they live ----
@@ -231,6 +338,33 @@ fn default_max_messages() -> usize {
 fn default_account_connections() -> usize {
     2
 }
+fn default_assertion_algorithm() -> AssertionAlgorithm {
+    AssertionAlgorithm::Ps256
+}
+fn default_cloud() -> Cloud {
+    Cloud::Global
+}
+fn default_rewrite_from() -> RewriteFrom {
+    RewriteFrom::Always
+}
+fn default_messages_per_minute() -> u32 {
+    30
+}
+fn default_recipients_per_day() -> u32 {
+    10_000
+}
+fn default_recipients_per_message() -> usize {
+    500
+}
+fn default_rate_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_dsn() -> DsnTo {
+    DsnTo::Sender
+}
+fn default_probe_interval() -> Duration {
+    Duration::from_secs(300)
+}
 
 impl Default for RelayConfig {
     fn default() -> Self {
@@ -258,6 +392,9 @@ impl Default for QueueConfig {
             retry_initial: default_retry_initial(),
             retry_max: default_retry_max(),
             max_messages: default_max_messages(),
+            dsn: default_dsn(),
+            admin_address: None,
+            probe_interval: default_probe_interval(),
         }
     }
 }
@@ -552,6 +689,14 @@ impl Config {
                 "retry_initial must be above zero and retry_max at least retry_initial",
             ));
         }
+        if matches!(self.queue.dsn, DsnTo::Admin | DsnTo::Both)
+            && self.queue.admin_address.is_none()
+        {
+            return Err(here.err(
+                &[key("queue"), key("dsn")],
+                "dsn = \"admin\" or \"both\" needs [queue] admin_address",
+            ));
+        }
         if self.queue.max_messages == 0 {
             return Err(here.err(&[key("queue"), key("max_messages")], "must be at least 1"));
         }
@@ -587,6 +732,22 @@ impl Config {
                             &at("kind"),
                             "kind = \"capture\" needs `dir`, the folder to write messages to",
                         ));
+                    }
+                    let exchange_only = [
+                        ("mailbox", a.mailbox.is_some()),
+                        ("tenant", a.tenant.is_some()),
+                        ("client_id", a.client_id.is_some()),
+                        ("client_secret_file", a.client_secret_file.is_some()),
+                        ("certificate_file", a.certificate_file.is_some()),
+                        ("smtp_host", a.smtp_host.is_some()),
+                    ];
+                    if let Some((k, _)) = exchange_only.iter().find(|(_, set)| *set) {
+                        return Err(here.err(&at(k), "only used by kind = \"exchange\""));
+                    }
+                }
+                AccountKind::Exchange => {
+                    if let Err((k, msg)) = validate_exchange(a) {
+                        return Err(here.err(&at(k), msg));
                     }
                 }
             }
@@ -705,10 +866,212 @@ impl Config {
                         .unwrap_or_default();
                     let _ = writeln!(s, "account {}{default}: kind=capture dir={dir}", a.name);
                 }
+                AccountKind::Exchange => {
+                    let credential = match (&a.client_secret_file, &a.certificate_file) {
+                        (Some(f), _) => format!("client secret from {} (<redacted>)", f.display()),
+                        (None, Some(c)) => {
+                            format!("certificate {} ({:?})", c.display(), a.assertion_algorithm)
+                        }
+                        _ => String::new(),
+                    };
+                    let _ = writeln!(
+                        s,
+                        "account {}{default}: kind=exchange mailbox={} tenant={} client_id={} {credential}\n  token endpoint {} scope {}\n  SMTP {}:{} rewrite_from={:?} max_connections={} max_messages_per_minute={} max_recipients_per_day={}",
+                        a.name,
+                        a.mailbox.as_deref().unwrap_or(""),
+                        a.tenant.as_deref().unwrap_or(""),
+                        a.client_id.as_deref().unwrap_or(""),
+                        a.token_url(),
+                        a.cloud.scope(),
+                        a.smtp_host(),
+                        a.smtp_port(),
+                        a.rewrite_from,
+                        a.max_connections,
+                        a.max_messages_per_minute,
+                        a.max_recipients_per_day
+                    );
+                }
             }
         }
         s
     }
+}
+
+impl AccountConfig {
+    /// `https://<authority>/<tenant>/oauth2/v2.0/token`
+    pub fn token_url(&self) -> String {
+        let authority = self
+            .authority_url
+            .as_deref()
+            .unwrap_or(self.cloud.authority())
+            .trim_end_matches('/');
+        format!(
+            "{authority}/{}/oauth2/v2.0/token",
+            self.tenant.as_deref().unwrap_or("")
+        )
+    }
+    pub fn smtp_host(&self) -> &str {
+        self.smtp_host.as_deref().unwrap_or(self.cloud.smtp_host())
+    }
+    pub fn smtp_port(&self) -> u16 {
+        self.smtp_port.unwrap_or(587)
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Secrets and keys must not be readable by every user on the machine.
+fn check_private_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {:?}: {e}", path.display().to_string()))?;
+    if !meta.is_file() {
+        return Err(format!("{:?} is not a file", path.display().to_string()));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o004 != 0 {
+        return Err(format!(
+            "{:?} is readable by every user on this machine (mode {mode:o}); run: chmod 600 {}",
+            path.display().to_string(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn validate_exchange(a: &AccountConfig) -> Result<(), (&'static str, String)> {
+    let required = |k: &'static str, v: &Option<String>| -> Result<(), (&'static str, String)> {
+        match v {
+            Some(s) if !s.trim().is_empty() => Ok(()),
+            _ => Err((k, format!("kind = \"exchange\" needs `{k}`"))),
+        }
+    };
+    required("kind", &a.mailbox.as_ref().map(|_| "x".to_string())).map_err(|_| {
+        (
+            "kind",
+            "kind = \"exchange\" needs `mailbox`, the sending mailbox (e.g. \"relay@contoso.com\")"
+                .to_string(),
+        )
+    })?;
+    let mailbox = a.mailbox.as_deref().unwrap_or("");
+    if !mailbox.contains('@') || mailbox.contains(char::is_whitespace) {
+        return Err((
+            "mailbox",
+            format!("{mailbox:?} is not a mailbox address like \"relay@contoso.com\""),
+        ));
+    }
+    required("tenant", &a.tenant)?;
+    let tenant = a.tenant.as_deref().unwrap_or("");
+    if ["common", "organizations", "consumers"].contains(&tenant.to_ascii_lowercase().as_str()) {
+        return Err((
+            "tenant",
+            format!(
+                "{tenant:?} cannot be used with client credentials (AADSTS9001023); use your tenant's GUID or domain, e.g. \"contoso.onmicrosoft.com\""
+            ),
+        ));
+    }
+    required("client_id", &a.client_id)?;
+    match (
+        &a.client_secret_file,
+        &a.certificate_file,
+        &a.private_key_file,
+    ) {
+        (Some(_), Some(_), _) => {
+            return Err((
+                "certificate_file",
+                "set either client_secret_file or certificate_file, not both".into(),
+            ));
+        }
+        (Some(secret), None, _) => {
+            check_private_file(secret).map_err(|e| ("client_secret_file", e))?;
+            let text = std::fs::read_to_string(secret)
+                .map_err(|e| ("client_secret_file", e.to_string()))?;
+            if text.trim().is_empty() {
+                return Err((
+                    "client_secret_file",
+                    format!(
+                        "{:?} is empty; put the secret's Value (not its ID) in it",
+                        secret.display().to_string()
+                    ),
+                ));
+            }
+        }
+        (None, Some(cert), key) => {
+            let key = key.as_ref().unwrap_or(cert);
+            check_private_file(key).map_err(|e| {
+                (
+                    if a.private_key_file.is_some() {
+                        "private_key_file"
+                    } else {
+                        "certificate_file"
+                    },
+                    e,
+                )
+            })?;
+            if !cert.is_file() {
+                return Err((
+                    "certificate_file",
+                    format!("file {:?} not found", cert.display().to_string()),
+                ));
+            }
+        }
+        (None, None, _) => {
+            return Err((
+                "kind",
+                "kind = \"exchange\" needs a credential: client_secret_file, or certificate_file and private_key_file".into(),
+            ));
+        }
+    }
+    if let Some(url) = &a.authority_url {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| ("authority_url", format!("{url:?} is not a URL: {e}")))?;
+        let host = parsed.host_str().unwrap_or("");
+        match parsed.scheme() {
+            "https" => {}
+            "http" if is_loopback_host(host) => {}
+            _ => {
+                return Err((
+                    "authority_url",
+                    format!("{url:?} must use https (plain http only for loopback test servers)"),
+                ));
+            }
+        }
+    }
+    if let Some(ca) = &a.ca_file
+        && !ca.is_file()
+    {
+        return Err((
+            "ca_file",
+            format!("file {:?} not found", ca.display().to_string()),
+        ));
+    }
+    if a.max_connections > 3 {
+        return Err((
+            "max_connections",
+            "Exchange Online allows 3 connections per mailbox; use 1 to 3 (2 leaves headroom)"
+                .into(),
+        ));
+    }
+    if a.max_messages_per_minute == 0
+        || a.max_recipients_per_day == 0
+        || a.max_recipients_per_message == 0
+    {
+        return Err((
+            "max_messages_per_minute",
+            "rate limits must be at least 1".into(),
+        ));
+    }
+    if a.rate_window.is_zero() {
+        return Err(("rate_window", "must be above zero".into()));
+    }
+    Ok(())
 }
 
 fn tls_name(t: TlsMode) -> &'static str {

@@ -1,8 +1,10 @@
 //! exorelay: an SMTP relay that lets devices which only speak plain SMTP send mail through
 //! Exchange Online. Data flows one way: smtp → spool → forward → upstream.
 
+pub mod advice;
 pub mod config;
 pub mod forward;
+pub mod oauth;
 pub mod smtp;
 pub mod spool;
 pub mod tls;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::{BoxFuture, Job, Outcome, Upstream};
+use super::{Attempt, BoxFuture, Job, Outcome, Upstream};
 use crate::spool::{Client, Meta};
 
 pub struct Capture {
@@ -65,7 +65,7 @@ impl Capture {
 }
 
 impl Upstream for Capture {
-    fn deliver<'a>(&'a self, job: &'a Job<'a>) -> BoxFuture<'a, Vec<Outcome>> {
+    fn deliver<'a>(&'a self, job: &'a Job<'a>) -> BoxFuture<'a, Attempt> {
         Box::pin(async move {
             let (dir, meta, body, rcpts) = (
                 self.dir.clone(),
@@ -85,7 +85,7 @@ impl Upstream for Capture {
                     self.dir.display()
                 )),
             };
-            vec![outcome; n]
+            Attempt::all(n, outcome)
         })
     }
 }

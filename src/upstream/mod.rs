@@ -1,13 +1,16 @@
 //! Where messages go: one [`Upstream`] per configured account. The forwarder owns retries,
-//! backoff, expiry and `failed/`; an upstream only makes one attempt and reports, per
-//! recipient, what happened.
+//! backoff, expiry, pausing and `failed/`; an upstream makes one attempt and reports, per
+//! recipient, what happened, plus anything that concerns the whole account.
 
 pub mod capture;
+pub mod exchange;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::time::Duration;
 
+use crate::advice::Advice;
 use crate::spool::Meta;
 
 /// One delivery attempt of one message to the recipients still pending.
@@ -22,15 +25,44 @@ pub struct Job<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Delivered(String),
-    /// Try again later (4xx, connection trouble, local I/O errors).
+    /// Try again later (4xx, connection trouble, local I/O errors); counts as an attempt.
     Temporary(String),
     /// Never going to work for this recipient (5xx).
     Permanent(String),
+    /// Not tried because of the account's state (throttled, paused); not counted.
+    NotAttempted(String),
+}
+
+/// Something about the whole account, learnt during an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccountSignal {
+    /// Exchange's rate or connection limit: send nothing for `wait`.
+    Throttled { wait: Duration, reason: String },
+    /// A configuration problem: nothing will go out until an administrator fixes it.
+    Paused(Advice),
+    /// The daily recipient quota is used up: hold for `wait`.
+    QuotaHold { wait: Duration, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// One per `Job::recipients`, in order.
+    pub outcomes: Vec<Outcome>,
+    pub signal: Option<AccountSignal>,
+}
+
+impl Attempt {
+    pub fn all(n: usize, outcome: Outcome) -> Attempt {
+        Attempt {
+            outcomes: vec![outcome; n],
+            signal: None,
+        }
+    }
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 pub trait Upstream: Send + Sync {
-    /// Attempts delivery; returns one outcome per `job.recipients`, in order.
-    fn deliver<'a>(&'a self, job: &'a Job<'a>) -> BoxFuture<'a, Vec<Outcome>>;
+    /// Attempts delivery of `job`.
+    fn deliver<'a>(&'a self, job: &'a Job<'a>) -> BoxFuture<'a, Attempt>;
 }

@@ -1,0 +1,136 @@
+//! Entra ID token errors (AADSTS codes) turned into a cause and a fix. Branches on `error` and
+//! `error_codes[0]`, never on the description text, as Microsoft advises.
+
+use crate::advice::Advice;
+
+/// Facts about the account, quoted in the fixes.
+pub struct Context<'a> {
+    pub account: &'a str,
+    pub tenant: &'a str,
+    pub client_id: &'a str,
+    pub certificate: bool,
+}
+
+/// Returns the advice and whether the failure is a configuration problem (true) or worth
+/// retrying as it is (false).
+pub fn advise(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (Advice, bool) {
+    let acct = ctx.account;
+    let (tenant, client) = (ctx.tenant, ctx.client_id);
+    let secret_or_cert = if ctx.certificate {
+        "certificate"
+    } else {
+        "client secret"
+    };
+    let a = |cause: String, fix: String| Advice::new(cause, fix);
+    let config = |adv: Advice| (adv, true);
+    match code {
+        Some(7000215) => config(a(
+            "Entra rejected the client secret (AADSTS7000215: invalid client secret). Often the secret's ID was copied instead of its Value.".into(),
+            format!("In Entra admin center > App registrations > {client} > Certificates & secrets, create a new client secret and put its Value (not the Secret ID) into the client_secret_file of account {acct:?}; then restart exorelay."),
+        )),
+        Some(7000222) => config(a(
+            "The client secret has expired (AADSTS7000222).".into(),
+            format!("Create a new client secret for app {client} (App registrations > Certificates & secrets), write its Value into the client_secret_file of account {acct:?}, restart; or switch to a certificate (certificate_file)."),
+        )),
+        Some(7000218) => config(a(
+            "The token request carried neither a client secret nor a client assertion (AADSTS7000218).".into(),
+            format!("Set client_secret_file, or certificate_file and private_key_file, for account {acct:?}."),
+        )),
+        Some(700016) => config(a(
+            format!("Application {client} was not found in tenant {tenant} (AADSTS700016)."),
+            format!("Check client_id (the Application (client) ID on the app's Overview page) and tenant of account {acct:?}; if the app lives in another tenant, an administrator of {tenant} must consent to it first."),
+        )),
+        Some(700027) | Some(50012) => config(a(
+            format!("Entra could not validate the client assertion signed with the {secret_or_cert} (AADSTS{}).", code.unwrap_or(700027)),
+            format!("Upload the certificate in certificate_file to App registrations > {client} > Certificates & secrets > Certificates, and make sure private_key_file is its key."),
+        )),
+        Some(700024) | Some(500133) => config(a(
+            "The client assertion's time range was refused; this machine's clock is probably wrong.".into(),
+            "Synchronise the clock (timedatectl set-ntp true) and try again.".into(),
+        )),
+        Some(700025) => config(a(
+            "The app is registered as a public client, which may not use a secret or certificate (AADSTS700025).".into(),
+            format!("In App registrations > {client} > Authentication, set 'Allow public client flows' to No."),
+        )),
+        Some(65001) | Some(650056) | Some(650057) | Some(500011) => config(a(
+            format!("The app has no consented permission to send mail through Exchange Online (AADSTS{}).", code.unwrap_or(65001)),
+            format!("In App registrations > {client} > API permissions: Add a permission > APIs my organization uses > Office 365 Exchange Online > Application permissions > SMTP.SendAsApp, then 'Grant admin consent for {tenant}'."),
+        )),
+        Some(53003) => config(a(
+            "A Conditional Access policy blocked the token request (AADSTS53003).".into(),
+            format!("In Entra admin center > Protection > Conditional Access, exclude the service principal of app {client} (workload identity) from the blocking policy, or allow this relay's public IP address."),
+        )),
+        Some(530035) => config(a(
+            "Security defaults blocked the sign-in (AADSTS530035).".into(),
+            "Use an app with client credentials (this account's setup) and review Entra admin center > Overview > Properties > Security defaults.".into(),
+        )),
+        Some(90002) | Some(900023) | Some(90038) => config(a(
+            format!("Tenant {tenant:?} was not found (AADSTS{}).", code.unwrap_or(90002)),
+            format!("Set tenant of account {acct:?} to your Directory (tenant) ID (a GUID) or a verified domain such as contoso.onmicrosoft.com; check that cloud matches (global, usgov, china)."),
+        )),
+        Some(9001023) | Some(50194) => config(a(
+            format!("The grant is not supported on the tenant-independent endpoint (AADSTS{}).", code.unwrap_or(9001023)),
+            format!("Set tenant of account {acct:?} to your tenant's GUID or domain, not common/organizations."),
+        )),
+        Some(70011) | Some(700022) => config(a(
+            format!("The requested scope was refused (AADSTS{}).", code.unwrap_or(70011)),
+            "Check the cloud setting of the account; the scope must be the Exchange resource of that cloud with /.default.".into(),
+        )),
+        Some(50196) | Some(90055) => (
+            a(
+                format!("Entra is throttling this client (AADSTS{}).", code.unwrap_or(50196)),
+                "Nothing to change: exorelay caches tokens and backs off; it retries on its own.".into(),
+            ),
+            false,
+        ),
+        _ => match error {
+            "invalid_client" | "unauthorized_client" => config(a(
+                format!("Entra refused the app's credentials ({error})."),
+                format!("Check client_id, tenant and the {secret_or_cert} of account {acct:?} in App registrations > {client}."),
+            )),
+            "invalid_scope" | "invalid_resource" => config(a(
+                format!("Entra refused the requested scope ({error})."),
+                "Check the cloud setting of the account.".into(),
+            )),
+            "temporarily_unavailable" | "server_error" => (
+                a(format!("Entra is temporarily unavailable ({error})."), "Nothing to change: exorelay retries with backoff.".into()),
+                false,
+            ),
+            _ => config(a(
+                format!("Entra refused the token request ({error}{})", code.map(|c| format!(", AADSTS{c}")).unwrap_or_default()),
+                format!("Look the code up at https://login.microsoftonline.com/error?code={} and check the app registration {client}.", code.unwrap_or(0)),
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_to_fixes() {
+        let ctx = Context {
+            account: "contoso",
+            tenant: "contoso.onmicrosoft.com",
+            client_id: "abc",
+            certificate: false,
+        };
+        let (adv, cfg) = advise(Some(7000215), "invalid_client", &ctx);
+        assert!(cfg);
+        assert!(adv.fix.contains("Value (not the Secret ID)"));
+        let (adv, _) = advise(Some(65001), "invalid_grant", &ctx);
+        assert!(adv.fix.contains("SMTP.SendAsApp"));
+        let (_, cfg) = advise(None, "temporarily_unavailable", &ctx);
+        assert!(!cfg);
+        for code in [
+            7000222, 700016, 700027, 53003, 90002, 900023, 9001023, 50196,
+        ] {
+            let (adv, _) = advise(Some(code), "x", &ctx);
+            assert!(
+                adv.cause.contains(&code.to_string()) || code == 7000222,
+                "{code}: {adv}"
+            );
+        }
+    }
+}

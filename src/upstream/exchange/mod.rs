@@ -1,0 +1,607 @@
+//! The `exchange` account kind: submission to Exchange Online over STARTTLS with AUTH XOAUTH2.
+//!
+//! lettre is used at connection level (never its `tracing` feature, which logs the bearer
+//! token), so each recipient gets its own result. Connections are pooled per account, never more
+//! than the forwarder's `max_connections` at once, and not reused once the token they
+//! authenticated with has expired. A `535 5.7.3` gets one token refresh and one retry; every
+//! other answer is sorted by [`classify`].
+
+pub mod classify;
+pub mod pacer;
+pub mod policy;
+
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lettre::Address;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters,
+};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt, Rset};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use tracing::{debug, info, warn};
+
+use super::{AccountSignal, Attempt, BoxFuture, Job, Outcome, Upstream};
+use crate::advice::Advice;
+use crate::config::{AccountConfig, RewriteFrom};
+use crate::oauth::{AccessToken, TokenManager};
+use classify::{Class, Ctx, classify, split_lettre_error};
+use pacer::Pacer;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+/// Idle pooled connections older than this are closed rather than reused.
+const MAX_IDLE: Duration = Duration::from_secs(60);
+
+struct Pooled {
+    conn: AsyncSmtpConnection,
+    token: AccessToken,
+    idle_since: Instant,
+}
+
+pub struct Exchange {
+    account: String,
+    mailbox: String,
+    client_id: String,
+    host: String,
+    port: u16,
+    hello: ClientId,
+    hostname: String,
+    tls: TlsParameters,
+    tokens: Arc<TokenManager>,
+    pool: Mutex<Vec<Pooled>>,
+    rewrite_from: RewriteFrom,
+    pacer: Pacer,
+    max_recipients: usize,
+}
+
+/// Why no usable connection could be had.
+enum ConnError {
+    Temporary(String),
+    Class(Class, String),
+}
+
+/// Builds rustls parameters for `host`: system roots plus the account's `ca_file`.
+pub fn tls_parameters(
+    host: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<TlsParameters, String> {
+    let mut b =
+        TlsParameters::builder(host.to_string()).certificate_store(CertificateStore::Default);
+    if let Some(ca) = ca_file {
+        let pem =
+            std::fs::read(ca).map_err(|e| format!("cannot read ca_file {}: {e}", ca.display()))?;
+        b = b.add_root_certificate(
+            Certificate::from_pem(&pem)
+                .map_err(|e| format!("bad ca_file {}: {e}", ca.display()))?,
+        );
+    }
+    b.build_rustls()
+        .map_err(|e| format!("TLS setup for {host}: {e}"))
+}
+
+fn timed_out(what: &str) -> String {
+    format!("timed out waiting for {what}")
+}
+
+impl Exchange {
+    pub fn new(
+        a: &AccountConfig,
+        hostname: &str,
+        tokens: Arc<TokenManager>,
+    ) -> Result<Exchange, String> {
+        let host = a.smtp_host().to_string();
+        Ok(Exchange {
+            account: a.name.clone(),
+            mailbox: a.mailbox.clone().unwrap_or_default(),
+            client_id: a.client_id.clone().unwrap_or_default(),
+            tls: tls_parameters(&host, a.ca_file.as_deref())?,
+            port: a.smtp_port(),
+            host,
+            hello: ClientId::Domain(hostname.to_string()),
+            hostname: hostname.to_string(),
+            tokens,
+            pool: Mutex::new(Vec::new()),
+            rewrite_from: a.rewrite_from,
+            pacer: Pacer::new(
+                a.max_messages_per_minute,
+                a.rate_window,
+                a.max_recipients_per_day,
+            ),
+            max_recipients: a.max_recipients_per_message.max(1),
+        })
+    }
+
+    pub fn tokens(&self) -> &Arc<TokenManager> {
+        &self.tokens
+    }
+
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            mailbox: &self.mailbox,
+            client_id: &self.client_id,
+        }
+    }
+
+    fn from_lettre(&self, e: &lettre::transport::smtp::Error) -> (Class, String) {
+        match split_lettre_error(e) {
+            Some((code, text)) => (classify(code, &text, &self.ctx()), format!("{code} {text}")),
+            None => (Class::Temporary, e.to_string()),
+        }
+    }
+
+    fn take_pooled(&self) -> Option<Pooled> {
+        let mut pool = self.pool.lock().ok()?;
+        while let Some(p) = pool.pop() {
+            if !p.token.is_expired() && p.idle_since.elapsed() < MAX_IDLE && !p.conn.has_broken() {
+                return Some(p);
+            }
+            debug!(account = %self.account, "closing a stale pooled connection");
+            // Dropping closes the socket; a polite QUIT is not worth a round trip here.
+        }
+        None
+    }
+
+    fn put_back(&self, conn: AsyncSmtpConnection, token: AccessToken) {
+        if conn.has_broken() {
+            return;
+        }
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.push(Pooled {
+                conn,
+                token,
+                idle_since: Instant::now(),
+            });
+        }
+    }
+
+    /// Connects, STARTTLS (required), and authenticates with XOAUTH2.
+    pub async fn connect(&self) -> Result<(AsyncSmtpConnection, AccessToken), ConnErrorPublic> {
+        self.open(true).await.map_err(ConnErrorPublic)
+    }
+
+    async fn open(
+        &self,
+        may_refresh: bool,
+    ) -> Result<(AsyncSmtpConnection, AccessToken), ConnError> {
+        let addr = format!("{}:{}", self.host, self.port);
+        let mut conn = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            AsyncSmtpConnection::connect_tokio1(
+                (self.host.as_str(), self.port),
+                Some(CONNECT_TIMEOUT),
+                &self.hello,
+                None,
+                None,
+            ),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let (class, text) = self.from_lettre(&e);
+                return Err(match class {
+                    Class::Temporary => {
+                        ConnError::Temporary(format!("cannot connect to {addr}: {text}"))
+                    }
+                    other => ConnError::Class(other, text),
+                });
+            }
+            Err(_) => {
+                return Err(ConnError::Temporary(format!(
+                    "cannot connect to {addr}: {}",
+                    timed_out("the connection")
+                )));
+            }
+        };
+        if !conn.can_starttls() {
+            return Err(ConnError::Class(
+                Class::Config(Advice::new(
+                    format!(
+                        "{addr} does not offer STARTTLS; exorelay never sends credentials without TLS."
+                    ),
+                    "Point smtp_host/smtp_port at Exchange Online's submission endpoint (smtp.office365.com, port 587).",
+                )),
+                "no STARTTLS".into(),
+            ));
+        }
+        match tokio::time::timeout(
+            COMMAND_TIMEOUT,
+            conn.starttls(self.tls.clone(), &self.hello),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_tls() => {
+                return Err(ConnError::Class(
+                    Class::Config(Advice::new(
+                        format!("TLS with {addr} failed: {e}."),
+                        "Check smtp_host (it must match the server certificate) and that this machine trusts the server's CA (install ca-certificates, or set ca_file).",
+                    )),
+                    e.to_string(),
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(ConnError::Temporary(format!(
+                    "STARTTLS with {addr} failed: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ConnError::Temporary(format!(
+                    "STARTTLS with {addr}: {}",
+                    timed_out("the handshake")
+                )));
+            }
+        }
+        let token = match self.tokens.token().await {
+            Ok(t) => t,
+            Err(e) if e.config => return Err(ConnError::Class(Class::Config(e.advice), e.error)),
+            Err(e) => return Err(ConnError::Temporary(e.advice.cause)),
+        };
+        let creds = Credentials::new(self.mailbox.clone(), token.secret().to_string());
+        match tokio::time::timeout(COMMAND_TIMEOUT, conn.auth(&[Mechanism::Xoauth2], &creds)).await
+        {
+            Ok(Ok(_)) => Ok((conn, token)),
+            Ok(Err(e)) => {
+                let parsed = split_lettre_error(&e);
+                let is_573 = parsed
+                    .as_ref()
+                    .is_some_and(|(code, text)| *code == 535 && text.starts_with("5.7.3"));
+                if is_573 && may_refresh {
+                    info!(account = %self.account, "Exchange refused the access token (535 5.7.3); refreshing it and retrying once");
+                    self.tokens.invalidate(&token).await;
+                    conn.abort().await;
+                    return Box::pin(self.open(false)).await;
+                }
+                if is_573 {
+                    let text = parsed.map(|(_, t)| t).unwrap_or_default();
+                    return Err(ConnError::Class(
+                        Class::Config(classify::auth_unsuccessful(&text, &self.ctx())),
+                        format!("535 {text}"),
+                    ));
+                }
+                if e.is_client() {
+                    // e.g. a 334 error challenge lettre does not answer: the token was refused.
+                    return Err(ConnError::Temporary(format!("AUTH XOAUTH2 failed: {e}")));
+                }
+                let (class, text) = self.from_lettre(&e);
+                Err(ConnError::Class(class, text))
+            }
+            Err(_) => Err(ConnError::Temporary(format!(
+                "AUTH at {addr}: {}",
+                timed_out("the reply")
+            ))),
+        }
+    }
+
+    /// A ready connection: pooled if one is usable, else a new one.
+    async fn connection(&self) -> Result<(AsyncSmtpConnection, AccessToken, bool), ConnError> {
+        if let Some(p) = self.take_pooled() {
+            return Ok((p.conn, p.token, true));
+        }
+        let (c, t) = self.open(true).await?;
+        Ok((c, t, false))
+    }
+
+    /// One SMTP transaction for `rcpts`. Returns per-recipient outcomes, an account signal, and
+    /// whether Exchange answered the end of DATA (for pacing).
+    async fn transaction(
+        &self,
+        from: &str,
+        rcpts: &[String],
+        message: &[u8],
+        eight_bit: bool,
+    ) -> (Vec<Outcome>, Option<AccountSignal>, bool) {
+        let n = rcpts.len();
+        let mut retried = false;
+        let (mut conn, mut token, mut pooled) = match self.connection().await {
+            Ok(x) => x,
+            Err(e) => return self.conn_failure(e, n),
+        };
+        let sender = if from.is_empty() {
+            None
+        } else {
+            match Address::from_str(from) {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.put_back(conn, token);
+                    let r = format!(
+                        "sender address {from:?} is not valid for Exchange; set rewrite_from = \"always\""
+                    );
+                    return (vec![Outcome::Permanent(r); n], None, false);
+                }
+            }
+        };
+        let mut params = vec![MailParameter::Size(message.len())];
+        if eight_bit && conn.server_info().supports_feature(Extension::EightBitMime) {
+            params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+        }
+        let needs_utf8 = !from.is_ascii() || rcpts.iter().any(|r| !r.is_ascii());
+        if needs_utf8 && conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            params.push(MailParameter::SmtpUtfEight);
+        }
+        // MAIL FROM; a pooled connection the server closed meanwhile gets one fresh retry.
+        loop {
+            match tokio::time::timeout(
+                COMMAND_TIMEOUT,
+                conn.command(Mail::new(sender.clone(), params.clone())),
+            )
+            .await
+            {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) if pooled && !retried && !e.is_permanent() => {
+                    debug!(account = %self.account, error = %e, "pooled connection failed at MAIL; opening a new one");
+                    retried = true;
+                    conn.abort().await;
+                    match self.open(true).await {
+                        Ok((c, t)) => {
+                            conn = c;
+                            token = t;
+                            pooled = false;
+                        }
+                        Err(e) => return self.conn_failure(e, n),
+                    }
+                }
+                Ok(Err(e)) => {
+                    let (class, text) = self.from_lettre(&e);
+                    conn.abort().await;
+                    return self.class_for_all(class, &text, n);
+                }
+                Err(_) => {
+                    conn.abort().await;
+                    return (
+                        vec![Outcome::Temporary(timed_out("the reply to MAIL FROM")); n],
+                        None,
+                        false,
+                    );
+                }
+            }
+        }
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+        let mut signal = None;
+        for (i, r) in rcpts.iter().enumerate() {
+            let Ok(addr) = Address::from_str(r) else {
+                outcomes[i] = Some(Outcome::Permanent(format!(
+                    "recipient address {r:?} is not valid"
+                )));
+                continue;
+            };
+            match tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Rcpt::new(addr, vec![]))).await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    let (class, text) = self.from_lettre(&e);
+                    let (o, s) = self.recipient_outcome(class, text);
+                    outcomes[i] = Some(o);
+                    if s.is_some() {
+                        signal = s;
+                        for o in outcomes.iter_mut().skip(i + 1) {
+                            *o = Some(Outcome::NotAttempted("account paused or throttled".into()));
+                        }
+                        break;
+                    }
+                    if conn.has_broken() {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    conn.abort().await;
+                    let fill = Outcome::Temporary(timed_out("the reply to RCPT TO"));
+                    return (
+                        outcomes
+                            .into_iter()
+                            .map(|o| o.unwrap_or_else(|| fill.clone()))
+                            .collect(),
+                        signal,
+                        false,
+                    );
+                }
+            }
+        }
+        let accepted: Vec<usize> = (0..n).filter(|i| outcomes[*i].is_none()).collect();
+        if accepted.is_empty() || signal.is_some() || conn.has_broken() {
+            let fill = if signal.is_some() {
+                Outcome::NotAttempted("account paused or throttled".into())
+            } else {
+                Outcome::Temporary("connection lost during RCPT".into())
+            };
+            if !conn.has_broken()
+                && tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Rset))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            {
+                self.put_back(conn, token);
+            }
+            return (
+                outcomes
+                    .into_iter()
+                    .map(|o| o.unwrap_or_else(|| fill.clone()))
+                    .collect(),
+                signal,
+                false,
+            );
+        }
+        let data_result = match tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Data)).await {
+            Ok(Ok(_)) => tokio::time::timeout(
+                COMMAND_TIMEOUT + Duration::from_secs(message.len() as u64 / 100_000),
+                conn.message(message),
+            )
+            .await
+            .map_err(|_| None)
+            .and_then(|r| r.map_err(Some)),
+            Ok(Err(e)) => Err(Some(e)),
+            Err(_) => Err(None),
+        };
+        let (fill, submitted) = match data_result {
+            Ok(resp) => {
+                let text = format!(
+                    "{} {}",
+                    u16::from(resp.code()),
+                    resp.message().collect::<Vec<_>>().join(" ")
+                );
+                (Outcome::Delivered(text), true)
+            }
+            Err(Some(e)) => {
+                let (class, text) = self.from_lettre(&e);
+                let (o, s) = self.recipient_outcome(class, text);
+                signal = s;
+                (o, e.is_response() || e.is_permanent() || e.is_transient())
+            }
+            Err(None) => (Outcome::Temporary(timed_out("the reply to DATA")), false),
+        };
+        for i in accepted {
+            outcomes[i] = Some(fill.clone());
+        }
+        if conn.has_broken() {
+            conn.abort().await;
+        } else {
+            self.put_back(conn, token);
+        }
+        (
+            outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| Outcome::Temporary("no result".into())))
+                .collect(),
+            signal,
+            submitted,
+        )
+    }
+
+    fn recipient_outcome(&self, class: Class, text: String) -> (Outcome, Option<AccountSignal>) {
+        match class {
+            Class::Temporary => (Outcome::Temporary(text), None),
+            Class::Permanent => (Outcome::Permanent(text), None),
+            Class::Throttled(wait) => (
+                Outcome::NotAttempted(text.clone()),
+                Some(AccountSignal::Throttled { wait, reason: text }),
+            ),
+            Class::Config(advice) => (
+                Outcome::NotAttempted(text),
+                Some(AccountSignal::Paused(advice)),
+            ),
+            Class::Quota => (
+                Outcome::NotAttempted(text.clone()),
+                Some(AccountSignal::QuotaHold {
+                    wait: Duration::from_secs(3600),
+                    reason: text,
+                }),
+            ),
+        }
+    }
+
+    fn class_for_all(
+        &self,
+        class: Class,
+        text: &str,
+        n: usize,
+    ) -> (Vec<Outcome>, Option<AccountSignal>, bool) {
+        let (o, s) = self.recipient_outcome(class, text.to_string());
+        (vec![o; n], s, false)
+    }
+
+    fn conn_failure(&self, e: ConnError, n: usize) -> (Vec<Outcome>, Option<AccountSignal>, bool) {
+        match e {
+            ConnError::Temporary(t) => (vec![Outcome::Temporary(t); n], None, false),
+            ConnError::Class(class, text) => self.class_for_all(class, &text, n),
+        }
+    }
+
+    async fn deliver_job(&self, job: &Job<'_>) -> Attempt {
+        let n = job.recipients.len();
+        let raw = match tokio::fs::read(&job.body).await {
+            Ok(b) => b,
+            Err(e) => {
+                return Attempt::all(
+                    n,
+                    Outcome::Temporary(format!("cannot read the spooled message: {e}")),
+                );
+            }
+        };
+        let (message, from) = match self.rewrite_from {
+            RewriteFrom::Always => {
+                let (bytes, report) =
+                    policy::rewrite(&raw, &self.mailbox, &self.hostname, &job.meta.id);
+                if report.original_from.is_some() || !report.added.is_empty() {
+                    debug!(queue_id = %job.meta.id, original_from = ?report.original_from, added = ?report.added, "sender rewritten for Exchange");
+                }
+                (bytes, self.mailbox.clone())
+            }
+            RewriteFrom::Never => (raw, job.meta.mail_from.clone()),
+        };
+        let mut outcomes = Vec::with_capacity(n);
+        let mut signal = None;
+        for group in job.recipients.chunks(self.max_recipients) {
+            if signal.is_some() {
+                outcomes.extend(
+                    group
+                        .iter()
+                        .map(|_| Outcome::NotAttempted("account paused or throttled".into())),
+                );
+                continue;
+            }
+            let slot = match self.pacer.acquire(group.len()).await {
+                Ok(s) => s,
+                Err(wait) => {
+                    signal = Some(AccountSignal::QuotaHold {
+                        wait,
+                        reason: "the mailbox's 24-hour recipient budget (max_recipients_per_day) is used up".into(),
+                    });
+                    outcomes.extend(
+                        group
+                            .iter()
+                            .map(|_| Outcome::NotAttempted("recipient budget used up".into())),
+                    );
+                    continue;
+                }
+            };
+            let (group_outcomes, s, submitted) = self
+                .transaction(&from, group, &message, job.meta.eight_bit)
+                .await;
+            let accepted = group_outcomes
+                .iter()
+                .filter(|o| matches!(o, Outcome::Delivered(_)))
+                .count();
+            self.pacer.finish(slot, submitted, accepted).await;
+            if let Some(AccountSignal::QuotaHold { reason, .. }) = &s {
+                let wait = self
+                    .pacer
+                    .day_window_frees_in()
+                    .await
+                    .unwrap_or(Duration::from_secs(3600));
+                signal = Some(AccountSignal::QuotaHold {
+                    wait,
+                    reason: reason.clone(),
+                });
+            } else if s.is_some() {
+                signal = s;
+            }
+            outcomes.extend(group_outcomes);
+        }
+        if let Some(s) = &signal {
+            warn!(account = %self.account, queue_id = %job.meta.id, signal = ?s, "account-level condition from Exchange");
+        }
+        Attempt { outcomes, signal }
+    }
+}
+
+/// A connection failure as `doctor` reports it.
+pub struct ConnErrorPublic(ConnError);
+
+impl ConnErrorPublic {
+    /// (advice when it is a configuration problem, text)
+    pub fn describe(&self) -> (Option<Advice>, String) {
+        match &self.0 {
+            ConnError::Temporary(t) => (None, t.clone()),
+            ConnError::Class(Class::Config(a), t) => (Some(a.clone()), t.clone()),
+            ConnError::Class(c, t) => (None, format!("{t} ({c:?})")),
+        }
+    }
+}
+
+impl Upstream for Exchange {
+    fn deliver<'a>(&'a self, job: &'a Job<'a>) -> BoxFuture<'a, Attempt> {
+        Box::pin(self.deliver_job(job))
+    }
+}
