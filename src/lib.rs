@@ -3,6 +3,7 @@
 
 pub mod advice;
 pub mod config;
+pub mod diagnose;
 pub mod forward;
 pub mod oauth;
 pub mod smtp;

@@ -43,11 +43,35 @@ enum Command {
     },
     /// Read a password from standard input and print its argon2id hash for `[[user]] password_hash`.
     HashPassword,
+    /// Check each account step by step (endpoints, token and its claims, STARTTLS, AUTH) and
+    /// print the cause and the fix of every failure. Exits non-zero when a check fails.
+    Doctor {
+        #[arg(long, short, env = "EXORELAY_CONFIG")]
+        config: PathBuf,
+        /// Check only this account.
+        #[arg(long)]
+        account: Option<String>,
+    },
+    /// Send a test message through the spool and an account's upstream, wait for the outcome and
+    /// print it. Uses a private spool, so a running relay is not disturbed.
+    SendTest {
+        #[arg(long, short, env = "EXORELAY_CONFIG")]
+        config: PathBuf,
+        /// Recipient of the test message.
+        #[arg(long)]
+        to: String,
+        /// The account to send through (default: the first).
+        #[arg(long)]
+        account: Option<String>,
+        /// How long to wait for the outcome.
+        #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -103,8 +127,52 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Doctor { config, account } => {
+            init_logging(cli.log_format, "error");
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let report = match runtime() {
+                Ok(rt) => rt.block_on(exorelay::diagnose::doctor(&config, account.as_deref())),
+                Err(code) => return code,
+            };
+            print!("{}", report.text);
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::SendTest {
+            config,
+            to,
+            account,
+            timeout,
+        } => {
+            init_logging(cli.log_format, "warn");
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let report = match runtime() {
+                Ok(rt) => rt.block_on(exorelay::diagnose::send_test(
+                    &config,
+                    account.as_deref(),
+                    &to,
+                    timeout,
+                )),
+                Err(code) => return code,
+            };
+            print!("{}", report.text);
+            if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Run { config } => {
-            init_logging(cli.log_format);
+            init_logging(cli.log_format, "info");
             let config = match load(&config) {
                 Ok(c) => Arc::new(c),
                 Err(code) => return code,
@@ -139,6 +207,16 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

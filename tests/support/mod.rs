@@ -2,6 +2,8 @@
 //! throwaway TLS certificates and a log buffer that tests search for leaked secrets.
 #![allow(dead_code)]
 
+pub mod fake_exchange;
+
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -377,7 +379,14 @@ impl Dialog {
             self.cmd(&format!("RCPT TO:<{r}>"), "250").await;
         }
         self.cmd("DATA", "354").await;
-        self.send_raw(body).await;
+        let mut stuffed = Vec::with_capacity(body.len() + 16);
+        for line in body.split_inclusive(|&b| b == b'\n') {
+            if line.starts_with(b".") {
+                stuffed.push(b'.');
+            }
+            stuffed.extend_from_slice(line);
+        }
+        self.send_raw(&stuffed).await;
         self.send_raw(b".\r\n").await;
         let r = self.expect("250 2.0.0 Ok: queued as ").await;
         r.trim().rsplit(' ').next().unwrap().to_string()

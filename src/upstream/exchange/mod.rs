@@ -55,6 +55,8 @@ pub struct Exchange {
     rewrite_from: RewriteFrom,
     pacer: Pacer,
     max_recipients: usize,
+    /// How long to back off after a throttle reply: one rate window (a minute for Exchange).
+    throttle_wait: Duration,
 }
 
 /// Why no usable connection could be had.
@@ -111,6 +113,7 @@ impl Exchange {
                 a.max_recipients_per_day,
             ),
             max_recipients: a.max_recipients_per_message.max(1),
+            throttle_wait: a.rate_window,
         })
     }
 
@@ -125,7 +128,7 @@ impl Exchange {
         }
     }
 
-    fn from_lettre(&self, e: &lettre::transport::smtp::Error) -> (Class, String) {
+    fn classify_error(&self, e: &lettre::transport::smtp::Error) -> (Class, String) {
         match split_lettre_error(e) {
             Some((code, text)) => (classify(code, &text, &self.ctx()), format!("{code} {text}")),
             None => (Class::Temporary, e.to_string()),
@@ -181,7 +184,7 @@ impl Exchange {
         {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                let (class, text) = self.from_lettre(&e);
+                let (class, text) = self.classify_error(&e);
                 return Err(match class {
                     Class::Temporary => {
                         ConnError::Temporary(format!("cannot connect to {addr}: {text}"))
@@ -266,7 +269,7 @@ impl Exchange {
                     // e.g. a 334 error challenge lettre does not answer: the token was refused.
                     return Err(ConnError::Temporary(format!("AUTH XOAUTH2 failed: {e}")));
                 }
-                let (class, text) = self.from_lettre(&e);
+                let (class, text) = self.classify_error(&e);
                 Err(ConnError::Class(class, text))
             }
             Err(_) => Err(ConnError::Temporary(format!(
@@ -345,7 +348,7 @@ impl Exchange {
                     }
                 }
                 Ok(Err(e)) => {
-                    let (class, text) = self.from_lettre(&e);
+                    let (class, text) = self.classify_error(&e);
                     conn.abort().await;
                     return self.class_for_all(class, &text, n);
                 }
@@ -372,7 +375,7 @@ impl Exchange {
             {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
-                    let (class, text) = self.from_lettre(&e);
+                    let (class, text) = self.classify_error(&e);
                     let (o, s) = self.recipient_outcome(class, text);
                     outcomes[i] = Some(o);
                     if s.is_some() {
@@ -423,10 +426,13 @@ impl Exchange {
                 false,
             );
         }
+        // lettre ends the data with CRLF "." CRLF; the message's own final CRLF must not be
+        // sent twice, or Exchange would receive an extra empty line.
+        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
         let data_result = match tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Data)).await {
             Ok(Ok(_)) => tokio::time::timeout(
                 COMMAND_TIMEOUT + Duration::from_secs(message.len() as u64 / 100_000),
-                conn.message(message),
+                conn.message(content),
             )
             .await
             .map_err(|_| None)
@@ -444,7 +450,7 @@ impl Exchange {
                 (Outcome::Delivered(text), true)
             }
             Err(Some(e)) => {
-                let (class, text) = self.from_lettre(&e);
+                let (class, text) = self.classify_error(&e);
                 let (o, s) = self.recipient_outcome(class, text);
                 signal = s;
                 (o, e.is_response() || e.is_permanent() || e.is_transient())
@@ -475,7 +481,10 @@ impl Exchange {
             Class::Permanent => (Outcome::Permanent(text), None),
             Class::Throttled(wait) => (
                 Outcome::NotAttempted(text.clone()),
-                Some(AccountSignal::Throttled { wait, reason: text }),
+                Some(AccountSignal::Throttled {
+                    wait: wait.min(self.throttle_wait),
+                    reason: text,
+                }),
             ),
             Class::Config(advice) => (
                 Outcome::NotAttempted(text),

@@ -1,0 +1,361 @@
+//! `exorelay doctor` and `exorelay send-test`: check each account step by step and say exactly
+//! what to fix; send one message through the whole path and report its fate.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{AccountConfig, AccountKind, Config};
+use crate::oauth::TokenManager;
+use crate::oauth::assertion::decode_claims;
+use crate::spool::{Client, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION};
+use crate::upstream::exchange::Exchange;
+
+/// A report printed line by line; `ok` is false once anything failed.
+pub struct Report {
+    pub text: String,
+    pub ok: bool,
+}
+
+impl Report {
+    fn new() -> Report {
+        Report {
+            text: String::new(),
+            ok: true,
+        }
+    }
+    fn line(&mut self, s: impl AsRef<str>) {
+        let _ = writeln!(self.text, "{}", s.as_ref());
+    }
+    fn pass(&mut self, what: &str, detail: impl AsRef<str>) {
+        self.line(format!("  [ok]   {what}: {}", detail.as_ref()));
+    }
+    fn fail(&mut self, what: &str, cause: impl AsRef<str>, fix: impl AsRef<str>) {
+        self.ok = false;
+        self.line(format!("  [FAIL] {what}: {}", cause.as_ref()));
+        self.line(format!("         fix: {}", fix.as_ref()));
+    }
+}
+
+fn selected<'a>(
+    config: &'a Config,
+    account: Option<&str>,
+) -> Result<Vec<&'a AccountConfig>, String> {
+    match account {
+        None => Ok(config.accounts.iter().collect()),
+        Some(name) => config
+            .accounts
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| vec![a])
+            .ok_or_else(|| {
+                let known: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
+                format!(
+                    "no account named {name:?}; configured: {}",
+                    known.join(", ")
+                )
+            }),
+    }
+}
+
+fn claim_list(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Array(a) => a
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Checks every (or one) account: endpoints, token, claims, TLS, AUTH.
+pub async fn doctor(config: &Config, account: Option<&str>) -> Report {
+    let mut r = Report::new();
+    let accounts = match selected(config, account) {
+        Ok(a) => a,
+        Err(e) => {
+            r.fail("account", e, "pass --account with one of the names above");
+            return r;
+        }
+    };
+    for a in accounts {
+        match a.kind {
+            AccountKind::Capture => {
+                r.line(format!("account {} (kind = capture)", a.name));
+                let dir = a.dir.clone().unwrap_or_default();
+                let probe = dir.join(format!(".doctor-{}", std::process::id()));
+                match std::fs::create_dir_all(&dir)
+                    .and_then(|_| std::fs::write(&probe, b"x"))
+                    .and_then(|_| std::fs::remove_file(&probe))
+                {
+                    Ok(()) => r.pass("capture folder", format!("{} is writable", dir.display())),
+                    Err(e) => r.fail(
+                        "capture folder",
+                        format!("{}: {e}", dir.display()),
+                        "create the folder and give the exorelay user write access",
+                    ),
+                }
+            }
+            AccountKind::Exchange => doctor_exchange(config, a, &mut r).await,
+        }
+    }
+    r.line(if r.ok {
+        "all checks passed"
+    } else {
+        "some checks failed; see the fixes above"
+    });
+    r
+}
+
+async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
+    r.line(format!("account {} (kind = exchange)", a.name));
+    r.line(format!(
+        "  mailbox         {}",
+        a.mailbox.as_deref().unwrap_or("")
+    ));
+    r.line(format!("  token endpoint  {}", a.token_url()));
+    r.line(format!("  scope           {}", a.cloud.scope()));
+    r.line(format!(
+        "  SMTP            {}:{} (STARTTLS, AUTH XOAUTH2)",
+        a.smtp_host(),
+        a.smtp_port()
+    ));
+
+    match tokio::net::lookup_host((a.smtp_host(), a.smtp_port())).await {
+        Ok(addrs) => {
+            let list: Vec<String> = addrs.map(|s| s.ip().to_string()).collect();
+            r.pass(
+                "DNS",
+                format!("{} resolves to {}", a.smtp_host(), list.join(", ")),
+            );
+        }
+        Err(e) => {
+            r.fail(
+                "DNS",
+                format!("cannot resolve {}: {e}", a.smtp_host()),
+                "check this machine's DNS servers and the smtp_host setting",
+            );
+            return;
+        }
+    }
+    let tokens = match TokenManager::new(a) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            return r.fail(
+                "credential",
+                e,
+                "check client_secret_file / certificate_file / private_key_file",
+            );
+        }
+    };
+    match tokens.token().await {
+        Ok(t) => {
+            let left = t.expires_at.saturating_duration_since(Instant::now());
+            r.pass(
+                "token",
+                format!(
+                    "obtained from Entra, valid for {}",
+                    humantime::format_duration(Duration::from_secs(left.as_secs()))
+                ),
+            );
+            match decode_claims(t.secret()) {
+                Some(c) => {
+                    r.line(format!(
+                        "         claims: aud={} roles={} scp={} tid={} appid={} exp={}",
+                        claim_list(&c["aud"]),
+                        claim_list(&c["roles"]),
+                        claim_list(&c["scp"]),
+                        claim_list(&c["tid"]),
+                        claim_list(if c["appid"].is_null() {
+                            &c["azp"]
+                        } else {
+                            &c["appid"]
+                        }),
+                        c["exp"]
+                            .as_i64()
+                            .and_then(|e| chrono::DateTime::from_timestamp(e, 0))
+                            .map(|d| d.to_rfc3339())
+                            .unwrap_or_else(|| "-".into())
+                    ));
+                    let roles = claim_list(&c["roles"]);
+                    if !roles.contains("SMTP.SendAsApp") {
+                        r.line("         note: the token has no SMTP.SendAsApp role; Exchange will refuse it unless RBAC for Applications grants it");
+                    }
+                }
+                None => r.line("         (the token is not a JWT; claims cannot be shown)"),
+            }
+        }
+        Err(e) => {
+            let code = e.code.map(|c| format!(" [AADSTS{c}]")).unwrap_or_default();
+            return r.fail("token", format!("{}{code}", e.advice.cause), e.advice.fix);
+        }
+    }
+    let exchange = match Exchange::new(a, &config.hostname, tokens) {
+        Ok(x) => x,
+        Err(e) => return r.fail("TLS setup", e, "check ca_file"),
+    };
+    match exchange.connect().await {
+        Ok((mut conn, _)) => {
+            r.pass("SMTP", "connected, STARTTLS done, AUTH XOAUTH2 accepted");
+            let _ = conn.quit().await;
+        }
+        Err(e) => {
+            let (advice, text) = e.describe();
+            match advice {
+                Some(a) => r.fail("SMTP AUTH", a.cause, a.fix),
+                None => r.fail("SMTP", text, "check smtp_host/smtp_port and that this machine may reach port 587 on the Internet"),
+            }
+        }
+    }
+}
+
+/// Sends one test message to `to` through the spool, the forwarder and the account's upstream,
+/// using a private spool so a running relay is not disturbed. Waits up to `timeout`.
+pub async fn send_test(
+    config: &Config,
+    account: Option<&str>,
+    to: &str,
+    timeout: Duration,
+) -> Report {
+    let mut r = Report::new();
+    let acct = match selected(config, account).map(|v| v[0].clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            r.fail("account", e, "pass --account with one of the names above");
+            return r;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!(
+        "exorelay-send-test-{}-{}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let mut cfg = config.clone();
+    cfg.accounts = vec![acct.clone()];
+    cfg.queue.dir = dir.clone();
+    cfg.queue.retry_initial = Duration::from_secs(2);
+    cfg.queue.retry_max = Duration::from_secs(10);
+    cfg.queue.dsn = crate::config::DsnTo::None;
+    let cfg = Arc::new(cfg);
+    let result = send_test_in(&cfg, &acct, to, timeout, &mut r).await;
+    if let Err(e) = result {
+        r.fail("send-test", e, "see the message above");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+async fn send_test_in(
+    cfg: &Arc<Config>,
+    acct: &AccountConfig,
+    to: &str,
+    timeout: Duration,
+    r: &mut Report,
+) -> Result<(), String> {
+    let (spool, _) = Spool::open(&cfg.queue.dir, 10)
+        .map_err(|e| format!("cannot create a temporary spool: {e}"))?;
+    let spool = Arc::new(spool);
+    let forwarder =
+        crate::forward::Forwarder::new(cfg.clone(), spool.clone()).map_err(|e| e.to_string())?;
+    let status = forwarder.status();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let task = tokio::spawn(forwarder.run(Vec::new(), shutdown.clone(), tracker.clone()));
+
+    let from = acct
+        .mailbox
+        .clone()
+        .unwrap_or_else(|| format!("exorelay@{}", cfg.hostname));
+    let now = chrono::Utc::now();
+    let mut w = spool.create().await.map_err(|e| e.to_string())?;
+    let id = w.id().to_string();
+    let msg = format!(
+        "Received: by {host} (exorelay send-test) id {id}; {date}\r\nFrom: exorelay <{from}>\r\nTo: <{to}>\r\nSubject: exorelay test message ({acct})\r\nDate: {date}\r\nMessage-ID: <{id}.send-test@{host}>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThis test message was sent by `exorelay send-test` on {host} through account {acct:?}.\r\nIf you can read it, the relay's path to its upstream works.\r\n",
+        host = cfg.hostname,
+        date = now.to_rfc2822(),
+        acct = acct.name
+    );
+    w.write(msg.as_bytes()).await.map_err(|e| e.to_string())?;
+    let meta = Meta {
+        version: FORMAT_VERSION,
+        id: String::new(),
+        received_at: now,
+        account: acct.name.clone(),
+        mail_from: from.clone(),
+        recipients: vec![Recipient {
+            address: to.to_string(),
+            status: RecipientStatus::Pending,
+            attempts: 0,
+            last_reply: None,
+        }],
+        client: Client {
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            helo: cfg.hostname.clone(),
+            login: None,
+            tls: false,
+        },
+        size: 0,
+        eight_bit: false,
+        smtputf8: false,
+        attempts: 0,
+        next_attempt_at: None,
+    };
+    w.commit(&spool, meta).await.map_err(|e| e.to_string())?;
+    r.pass("spool", format!("test message queued as {id}"));
+
+    let deadline = Instant::now() + timeout;
+    let queued = cfg.queue.dir.join("queue").join(format!("{id}.json"));
+    let failed = cfg.queue.dir.join("failed").join(format!("{id}.json"));
+    let outcome = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if failed.exists() {
+            let m = std::fs::read(&failed)
+                .ok()
+                .and_then(|b| Meta::decode(&b).ok());
+            let reason = m
+                .and_then(|m| m.recipients[0].last_reply.clone())
+                .unwrap_or_default();
+            break Err((
+                format!("delivery to {to} failed permanently: {reason}"),
+                "check the recipient address and the account's permissions".to_string(),
+            ));
+        }
+        if !queued.exists() {
+            break Ok(());
+        }
+        if let Some(s) = status.get(&acct.name)
+            && let crate::forward::AccountState::Paused { advice, .. } = s.state
+        {
+            break Err((advice.cause, advice.fix));
+        }
+        if Instant::now() > deadline {
+            let last = spool
+                .load(&id)
+                .ok()
+                .and_then(|m| m.recipients[0].last_reply.clone())
+                .unwrap_or_else(|| "no attempt finished".into());
+            break Err((
+                format!(
+                    "not delivered within {}; last result: {last}",
+                    humantime::format_duration(timeout)
+                ),
+                "run `exorelay doctor` for this account".to_string(),
+            ));
+        }
+    };
+    shutdown.cancel();
+    tracker.close();
+    let _ = task.await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await;
+    match outcome {
+        Ok(()) => r.pass(
+            "delivery",
+            format!("accepted by account {} for {to}", acct.name),
+        ),
+        Err((cause, fix)) => r.fail("delivery", cause, fix),
+    }
+    Ok(())
+}

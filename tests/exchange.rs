@@ -1,0 +1,661 @@
+//! Delivery to Exchange Online, against the project's fake Exchange on loopback.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::fake_exchange::*;
+use support::*;
+
+/// Credentials and CA files the way an administrator would lay them out (mode 0600).
+struct Creds {
+    _dir: tempfile::TempDir,
+    secret: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+fn creds(fake: &FakeExchange, secret: &str) -> Creds {
+    let dir = tempfile::tempdir().unwrap();
+    let private = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    let secret = private("contoso.secret", format!("{secret}\n").as_bytes());
+    let key = private("app.key", &std::fs::read(app_key_path()).unwrap());
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &fake.smtp_ca_pem).unwrap();
+    Creds {
+        _dir: dir,
+        secret,
+        key,
+        ca,
+    }
+}
+
+fn account(fake: &FakeExchange, c: &Creds, credential: &str, extra: &str) -> String {
+    let credential = match credential {
+        "secret" => format!("client_secret_file = \"{}\"", c.secret.display()),
+        alg => format!(
+            "certificate_file = \"{}\"\nprivate_key_file = \"{}\"\nassertion_algorithm = \"{alg}\"",
+            app_cert_path().display(),
+            c.key.display()
+        ),
+    };
+    format!(
+        r#"
+[[account]]
+name = "contoso"
+kind = "exchange"
+mailbox = "{MAILBOX}"
+tenant = "{TENANT}"
+client_id = "{CLIENT_ID}"
+{credential}
+authority_url = "{}"
+smtp_host = "127.0.0.1"
+smtp_port = {}
+ca_file = "{}"
+rate_window = "1s"
+{extra}
+"#,
+        fake.authority(),
+        fake.smtp_addr.port(),
+        c.ca.display()
+    )
+}
+
+fn relay_config(account_block: &str, queue_extra: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+[relay]
+allowed_networks = ["127.0.0.1/32"]
+[queue]
+dir = "{{dir}}/spool"
+retry_initial = "200ms"
+retry_max = "1s"
+probe_interval = "1s"
+{queue_extra}
+{account_block}
+"#
+    )
+}
+
+async fn wait_delivered(fake: &FakeExchange, n: usize, secs: u64) -> Vec<Delivered> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let d = fake.delivered();
+        if d.len() >= n {
+            return d;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} messages reached the fake Exchange",
+            d.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_spool_empty(relay: &TestRelay) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(relay.path("spool/queue"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+        > 0
+    {
+        assert!(Instant::now() < deadline, "spool did not empty");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn submit(relay: &TestRelay, from: &str, to: &[&str], body: &[u8]) -> String {
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO printer", "250").await;
+    let id = c.send_mail(from, to, body).await;
+    c.cmd("QUIT", "221").await;
+    id
+}
+
+fn body_after_headers(m: &[u8]) -> &[u8] {
+    let pos = m
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    &m[pos..]
+}
+
+fn assert_no_secrets(fake: &FakeExchange) {
+    let tokens = fake.issued_tokens();
+    let mut secrets: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    secrets.push(SECRET);
+    assert_logs_clean(&secrets);
+}
+
+const JP_MESSAGE: &[u8] = b"From: \"Scanner 2F\" <scanner@printer.local>\r\nTo: boss@contoso.com\r\nSubject: =?ISO-2022-JP?B?GyRCJDMkcyRLJEEkTxsoQg==?=\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=ISO-2022-JP\r\n\r\n\x1b$B$3$s$K$A$O\x1b(B\r\n.leading dot\r\nShift_JIS \x82\xb1\x82\xf1\r\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delivers_with_a_secret_and_rewrites_the_sender() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let relay = TestRelay::start(&relay_config(&account(&fake, &c, "secret", ""), "")).await;
+    submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        JP_MESSAGE,
+    )
+    .await;
+    let got = wait_delivered(&fake, 1, 20).await;
+    let d = &got[0];
+    assert_eq!(d.mailbox, MAILBOX);
+    assert_eq!(
+        d.mail_from, MAILBOX,
+        "envelope sender rewritten to the mailbox"
+    );
+    assert_eq!(d.rcpts, ["boss@contoso.com"]);
+    let text = String::from_utf8_lossy(&d.data);
+    assert!(
+        text.contains("From: \"Scanner 2F\" <relay@contoso.com>\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Reply-To: \"Scanner 2F\" <scanner@printer.local>\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Subject: =?ISO-2022-JP?B?GyRCJDMkcyRLJEEkTxsoQg==?=\r\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\r\nDate: ") && text.contains("\r\nMessage-ID: <"),
+        "{text}"
+    );
+    assert!(text.starts_with("Received: from printer"), "{text}");
+    assert_eq!(
+        body_after_headers(&d.data),
+        body_after_headers(JP_MESSAGE),
+        "body must be byte-identical"
+    );
+    assert_eq!(
+        fake.state
+            .auth_before_tls
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    wait_spool_empty(&relay).await;
+    assert_no_secrets(&fake);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delivers_with_a_certificate_ps256_and_rs256() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    for alg in ["PS256", "RS256"] {
+        let relay = TestRelay::start(&relay_config(&account(&fake, &c, alg, ""), "")).await;
+        submit(
+            &relay,
+            "scanner@printer.local",
+            &["boss@contoso.com"],
+            b"Subject: cert\r\n\r\nx\r\n",
+        )
+        .await;
+        wait_spool_empty(&relay).await;
+    }
+    assert_eq!(wait_delivered(&fake, 2, 20).await.len(), 2);
+    assert_eq!(fake.token_requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_token_request_per_expiry_however_many_deliveries() {
+    let fake = FakeExchange::start().await;
+    *fake.state.lifetime.lock().unwrap() = Duration::from_secs(2);
+    let c = creds(&fake, SECRET);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.toml");
+    std::fs::write(
+        &path,
+        relay_config(&account(&fake, &c, "secret", ""), "")
+            .replace("{dir}", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    let config = exorelay::config::Config::load(&path).unwrap();
+    let tokens = Arc::new(exorelay::oauth::TokenManager::new(&config.accounts[0]).unwrap());
+    for round in 1..=2u64 {
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let t = tokens.clone();
+                tokio::spawn(async move { t.token().await.map(|t| t.secret().to_string()) })
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for t in tasks {
+            seen.insert(t.await.unwrap().unwrap());
+        }
+        assert_eq!(seen.len(), 1, "all 20 callers share one token");
+        assert_eq!(fake.token_requests(), round);
+        assert_eq!(tokens.requests(), round);
+        // Refreshed ahead of expiry: half the lifetime for such short tokens.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+
+    // End to end: deliveries across several token lifetimes never present an expired token.
+    let relay = TestRelay::start(&relay_config(&account(&fake, &c, "secret", ""), "")).await;
+    for i in 0..3 {
+        submit(
+            &relay,
+            "scanner@printer.local",
+            &["boss@contoso.com"],
+            format!("Subject: t{i}\r\n\r\nx\r\n").as_bytes(),
+        )
+        .await;
+        wait_delivered(&fake, i + 1, 20).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert!(
+        fake.token_requests() >= 4,
+        "tokens were refreshed: {}",
+        fake.token_requests()
+    );
+    assert_no_secrets(&fake);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn temporary_faults_are_retried_and_throttling_is_not_a_failure() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let relay = TestRelay::start(&relay_config(
+        &account(&fake, &c, "secret", "max_connections = 1"),
+        "",
+    ))
+    .await;
+    {
+        let mut f = fake.faults();
+        f.mail_once.push_back("432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information. [X]".into());
+        f.mail_once.push_back(
+            "421 4.4.2 Message submission rate for this client has exceeded the configured limit"
+                .into(),
+        );
+        f.data_end_once.push_back(
+            "451 4.7.500 Server busy. Please try again later from [1.2.3.4]. (AS770)".into(),
+        );
+        f.drop_mid_data = 1;
+    }
+    let id = submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        b"Subject: faults\r\n\r\nbody\r\n",
+    )
+    .await;
+    let got = wait_delivered(&fake, 1, 30).await;
+    assert_eq!(got.len(), 1);
+    wait_spool_empty(&relay).await;
+    let all_hit = {
+        let f = fake.faults();
+        f.mail_once.is_empty() && f.data_end_once.is_empty() && f.drop_mid_data == 0
+    };
+    assert!(all_hit, "every fault was hit");
+    let logs = logs();
+    let attempts: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("delivery attempt") && l.contains(&id))
+        .collect();
+    // Throttle replies are not counted as attempts; the 451 and the drop are.
+    assert!(
+        attempts
+            .iter()
+            .any(|l| l.contains("attempt=3") && l.contains("delivered=1")),
+        "{attempts:#?}"
+    );
+    assert!(logs.contains("Exchange throttled the account"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.delivered().len(), 1, "delivered exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_refused_by_exchange_is_refreshed_once() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let relay = TestRelay::start(&relay_config(
+        &account(&fake, &c, "secret", "max_connections = 1"),
+        "",
+    ))
+    .await;
+    fake.faults().close_after_data = true;
+    submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        b"Subject: one\r\n\r\n",
+    )
+    .await;
+    wait_delivered(&fake, 1, 20).await;
+    fake.revoke_tokens();
+    submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        b"Subject: two\r\n\r\n",
+    )
+    .await;
+    wait_delivered(&fake, 2, 20).await;
+    assert_eq!(fake.token_requests(), 2, "one refresh after 535 5.7.3");
+    assert!(logs().contains("refreshing it and retrying once"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn smtp_auth_disabled_pauses_the_account_until_fixed() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let relay = TestRelay::start(&relay_config(&account(&fake, &c, "secret", ""), "")).await;
+    fake.faults().auth_always = Some(
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Visit https://aka.ms/smtp_auth_disabled for more information. [X]".into(),
+    );
+    let id = submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        b"Subject: paused\r\n\r\n",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The log line carries the cause and the exact fix.
+    while !logs().lines().any(|l| {
+        l.contains("account paused")
+            && l.contains("Set-TransportConfig -SmtpClientAuthenticationDisabled $false")
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "account never paused with the right advice"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Mail stays queued while paused, and probes do not burn its attempts.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.path("spool/queue").join(format!("{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["recipients"][0]["status"], "pending");
+    assert_eq!(meta["recipients"][0]["attempts"], 0, "{meta}");
+    assert!(fake.delivered().is_empty());
+    // The administrator fixes it; the next probe delivers.
+    fake.faults().auth_always = None;
+    wait_delivered(&fake, 1, 20).await;
+    wait_spool_empty(&relay).await;
+    assert!(logs().contains("account works again"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_as_denied_pauses_with_advice_then_delivers() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let relay = TestRelay::start(&relay_config(
+        &account(&fake, &c, "secret", "rewrite_from = \"never\""),
+        "",
+    ))
+    .await;
+    submit(
+        &relay,
+        "scanner@contoso.com",
+        &["boss@contoso.com"],
+        b"From: scanner@contoso.com\r\nSubject: sendas\r\n\r\nx\r\n",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logs()
+        .lines()
+        .any(|l| l.contains("account paused") && l.contains("Add-RecipientPermission"))
+    {
+        assert!(Instant::now() < deadline, "no SendAs advice in the logs");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fake.state
+        .send_as
+        .lock()
+        .unwrap()
+        .insert("scanner@contoso.com".into());
+    let got = wait_delivered(&fake, 1, 20).await;
+    assert_eq!(
+        got[0].mail_from, "scanner@contoso.com",
+        "rewrite_from = never keeps the sender"
+    );
+    wait_spool_empty(&relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_refused_recipient_does_not_stop_the_others_and_gets_a_dsn() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let relay = TestRelay::start(&relay_config(&account(&fake, &c, "secret", ""), "")).await;
+    fake.faults().rcpt_reject.insert(
+        "nobody@contoso.com".into(),
+        "550 5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient nobody@contoso.com not found by SMTP address lookup".into(),
+    );
+    let id = submit(
+        &relay,
+        "scanner@printer.local",
+        &[
+            "boss@contoso.com",
+            "nobody@contoso.com",
+            "clerk@contoso.com",
+        ],
+        b"Subject: partial\r\n\r\nx\r\n",
+    )
+    .await;
+    let got = wait_delivered(&fake, 2, 20).await;
+    assert_eq!(got[0].rcpts, ["boss@contoso.com", "clerk@contoso.com"]);
+    // The second delivery is the DSN, to the original sender.
+    let dsn = &got[1];
+    assert_eq!(dsn.rcpts, ["scanner@printer.local"]);
+    let text = String::from_utf8_lossy(&dsn.data);
+    assert!(
+        text.contains("Content-Type: multipart/report; report-type=delivery-status"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Final-Recipient: rfc822; nobody@contoso.com"),
+        "{text}"
+    );
+    assert!(text.contains("Status: 5.1.10"), "{text}");
+    assert!(
+        text.contains("Subject: partial"),
+        "original headers attached: {text}"
+    );
+    let failed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.path("spool/failed").join(format!("{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    let statuses: Vec<&str> = failed["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["delivered", "failed", "delivered"]);
+    wait_spool_empty(&relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_drains_at_the_allowed_rate_without_a_throttle_reply() {
+    let fake = FakeExchange::start().await;
+    fake.set_rate(30, Duration::from_secs(1));
+    let c = creds(&fake, SECRET);
+    let relay = TestRelay::start(&relay_config(
+        &account(
+            &fake,
+            &c,
+            "secret",
+            "max_connections = 3\nmax_messages_per_minute = 30",
+        ),
+        "max_messages = 1000",
+    ))
+    .await;
+    let total = 300;
+    let clients: Vec<_> = (0..10)
+        .map(|k| {
+            let addr = relay.addr();
+            tokio::spawn(async move {
+                let mut c = Dialog::connect(addr).await;
+                c.expect("220").await;
+                c.cmd("EHLO burst", "250").await;
+                for i in 0..30 {
+                    c.send_mail(
+                        "scanner@printer.local",
+                        &["boss@contoso.com"],
+                        format!("Subject: burst {k}-{i}\r\n\r\nx\r\n").as_bytes(),
+                    )
+                    .await;
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await.unwrap();
+    }
+    let started = Instant::now();
+    wait_delivered(&fake, total, 60).await;
+    assert_eq!(
+        fake.state
+            .throttle_replies
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the fake had to throttle"
+    );
+    assert!(
+        fake.state
+            .max_conns_seen
+            .load(std::sync::atomic::Ordering::SeqCst)
+            <= 3
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(8),
+        "300 messages at 30 per second cannot take less than ~9 s"
+    );
+    wait_spool_empty(&relay).await;
+}
+
+// ---------- doctor and send-test (the real binary) ----------
+
+const BIN: &str = env!("CARGO_BIN_EXE_exorelay");
+
+async fn run_bin(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    })
+    .await
+    .unwrap()
+}
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("exorelay.toml");
+    std::fs::write(
+        &path,
+        text.replace("{dir}", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_explains_each_failure_and_passes_when_fixed() {
+    let fake = FakeExchange::start().await;
+    let dir = tempfile::tempdir().unwrap();
+
+    let good = creds(&fake, SECRET);
+    let cfg = write_config(
+        &dir,
+        &relay_config(&account(&fake, &good, "secret", ""), ""),
+    );
+    let (ok, out) = run_bin(vec!["doctor".into(), "--config".into(), cfg.clone()]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("[ok]   token")
+            && out.contains("roles=SMTP.SendAsApp")
+            && out.contains("aud=https://outlook.office365.com"),
+        "{out}"
+    );
+    assert!(
+        out.contains("[ok]   SMTP: connected, STARTTLS done, AUTH XOAUTH2 accepted"),
+        "{out}"
+    );
+    assert!(
+        !fake
+            .issued_tokens()
+            .iter()
+            .any(|t| out.contains(t.as_str())),
+        "doctor printed a token"
+    );
+
+    let bad = creds(&fake, "the-secret-ID-not-its-value");
+    let cfg = write_config(&dir, &relay_config(&account(&fake, &bad, "secret", ""), ""));
+    let (ok, out) = run_bin(vec!["doctor".into(), "--config".into(), cfg]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("AADSTS7000215") && out.contains("Value (not the Secret ID)"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("the-secret-ID-not-its-value"),
+        "secret printed: {out}"
+    );
+
+    let cfg = write_config(
+        &dir,
+        &relay_config(&account(&fake, &good, "secret", ""), "")
+            .replace(TENANT, "contoso-typo.onmicrosoft.com"),
+    );
+    let (ok, out) = run_bin(vec!["doctor".into(), "--config".into(), cfg]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("AADSTS90002") && out.contains("Directory (tenant) ID"),
+        "{out}"
+    );
+
+    fake.faults().auth_always = Some("535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information. [X]".into());
+    let cfg = write_config(
+        &dir,
+        &relay_config(&account(&fake, &good, "secret", ""), ""),
+    );
+    let (ok, out) = run_bin(vec!["doctor".into(), "--config".into(), cfg.clone()]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "Set-CASMailbox -Identity {MAILBOX} -SmtpClientAuthenticationDisabled $false"
+        )),
+        "{out}"
+    );
+
+    fake.faults().auth_always = None;
+    let (ok, out) = run_bin(vec![
+        "send-test".into(),
+        "--config".into(),
+        cfg,
+        "--to".into(),
+        "admin@contoso.com".into(),
+        "--timeout".into(),
+        "30s".into(),
+    ])
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("[ok]   delivery"), "{out}");
+    let got = wait_delivered(&fake, 1, 10).await;
+    assert_eq!(got[0].rcpts, ["admin@contoso.com"]);
+}
