@@ -97,10 +97,30 @@ fn check_names_the_field_for_typical_mistakes() {
             "user[0].password_hash: not a password hash",
         ),
         ("toml syntax", GOOD.replace("[relay]", "[relay"), "exorelay.toml:"),
+        (
+            "world-readable secret",
+            format!("{GOOD}\n[[account]]\nname = \"contoso\"\nkind = \"exchange\"\nmailbox = \"relay@contoso.com\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret_file = \"SECRETFILE\"\n"),
+            "account[1].client_secret_file:",
+        ),
+        (
+            "common tenant",
+            format!("{GOOD}\n[[account]]\nname = \"contoso\"\nkind = \"exchange\"\nmailbox = \"relay@contoso.com\"\ntenant = \"common\"\nclient_id = \"x\"\nclient_secret_file = \"SECRETFILE\"\n"),
+            "account[1].tenant: \"common\" cannot be used with client credentials (AADSTS9001023)",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("exorelay.toml");
+    let secret = dir.path().join("contoso.secret");
+    std::fs::write(&secret, "value\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
     for (name, text, expected) in cases {
+        let mode = if name == "world-readable secret" {
+            0o644
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(mode)).unwrap();
+        let text = text.replace("SECRETFILE", &secret.display().to_string());
         std::fs::write(&path, &text).unwrap();
         let out = exorelay(&["check", "--config", path.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -659,3 +659,77 @@ async fn doctor_explains_each_failure_and_passes_when_fixed() {
     let got = wait_delivered(&fake, 1, 10).await;
     assert_eq!(got[0].rcpts, ["admin@contoso.com"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_secret_pauses_the_account_and_fixing_the_file_resumes_it() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, "copied-the-secret-id-by-mistake");
+    let relay = TestRelay::start(&relay_config(&account(&fake, &c, "secret", ""), "")).await;
+    let id = submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        b"Subject: secret\r\n\r\n",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logs()
+        .lines()
+        .any(|l| l.contains("account paused") && l.contains("AADSTS7000215"))
+    {
+        assert!(Instant::now() < deadline, "no AADSTS7000215 advice");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        relay
+            .path("spool/queue")
+            .join(format!("{id}.json"))
+            .exists(),
+        "mail stays queued"
+    );
+    // The administrator writes the right value; no restart needed.
+    std::fs::write(&c.secret, format!("{SECRET}\n")).unwrap();
+    wait_delivered(&fake, 1, 20).await;
+    wait_spool_empty(&relay).await;
+    assert_logs_clean(&["copied-the-secret-id-by-mistake", SECRET]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_with_many_recipients_are_split() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let relay = TestRelay::start(&relay_config(
+        &account(&fake, &c, "secret", "max_recipients_per_message = 2"),
+        "",
+    ))
+    .await;
+    let rcpts = [
+        "a@contoso.com",
+        "b@contoso.com",
+        "c@contoso.com",
+        "d@contoso.com",
+        "e@contoso.com",
+    ];
+    submit(
+        &relay,
+        "scanner@printer.local",
+        &rcpts,
+        b"Subject: many\r\n\r\nx\r\n",
+    )
+    .await;
+    let got = wait_delivered(&fake, 3, 20).await;
+    let groups: Vec<Vec<String>> = got.iter().map(|d| d.rcpts.clone()).collect();
+    assert_eq!(
+        groups,
+        [
+            vec!["a@contoso.com", "b@contoso.com"],
+            vec!["c@contoso.com", "d@contoso.com"],
+            vec!["e@contoso.com"]
+        ]
+    );
+    assert!(
+        got.iter().all(|d| d.data == got[0].data),
+        "every part carries the same message"
+    );
+    wait_spool_empty(&relay).await;
+}

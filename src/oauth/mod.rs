@@ -75,9 +75,27 @@ pub struct TokenError {
     pub advice: Advice,
 }
 
+/// Read from disk at every token request, so an administrator who replaces an expired secret
+/// or certificate does not have to restart the relay.
 enum Credential {
-    Secret(String),
-    Certificate(AssertionSigner),
+    Secret(std::path::PathBuf),
+    Certificate {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+        alg: crate::config::AssertionAlgorithm,
+    },
+}
+
+impl Credential {
+    fn secret(path: &std::path::Path) -> Result<String, String> {
+        let s = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read client_secret_file {}: {e}", path.display()))?;
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(format!("client_secret_file {} is empty", path.display()));
+        }
+        Ok(s.to_string())
+    }
 }
 
 #[derive(Default)]
@@ -122,15 +140,20 @@ pub fn http_client(ca_file: Option<&std::path::Path>) -> Result<reqwest::Client,
 impl TokenManager {
     /// Builds the manager for an `exchange` account (validated config); reads the credential.
     pub fn new(a: &AccountConfig) -> Result<TokenManager, String> {
+        // Read once here so a broken credential fails at startup, not at the first message.
         let credential = match (&a.client_secret_file, &a.certificate_file) {
             (Some(f), _) => {
-                let s = std::fs::read_to_string(f)
-                    .map_err(|e| format!("cannot read client_secret_file {}: {e}", f.display()))?;
-                Credential::Secret(s.trim().to_string())
+                Credential::secret(f)?;
+                Credential::Secret(f.clone())
             }
             (None, Some(cert)) => {
-                let key = a.private_key_file.as_ref().unwrap_or(cert);
-                Credential::Certificate(AssertionSigner::load(cert, key, a.assertion_algorithm)?)
+                let key = a.private_key_file.clone().unwrap_or_else(|| cert.clone());
+                AssertionSigner::load(cert, &key, a.assertion_algorithm)?;
+                Credential::Certificate {
+                    cert: cert.clone(),
+                    key,
+                    alg: a.assertion_algorithm,
+                }
             }
             (None, None) => return Err("no credential configured".into()),
         };
@@ -210,7 +233,7 @@ impl TokenManager {
             account: &self.account,
             tenant: &self.tenant,
             client_id: &self.client_id,
-            certificate: matches!(self.credential, Credential::Certificate(_)),
+            certificate: matches!(self.credential, Credential::Certificate { .. }),
         };
         let (advice, config) = advice::advise(code, error, &ctx);
         TokenError {
@@ -243,19 +266,35 @@ impl TokenManager {
             ("scope", self.scope.clone()),
             ("grant_type", "client_credentials".into()),
         ];
+        let local = |what: &str, e: String, fix: &str| TokenError {
+            error: what.into(),
+            code: None,
+            config: true,
+            advice: Advice::new(format!("{e}."), fix),
+        };
         match &self.credential {
-            Credential::Secret(s) => form.push(("client_secret", s.clone())),
-            Credential::Certificate(signer) => {
+            Credential::Secret(path) => {
+                let secret = Credential::secret(path).map_err(|e| {
+                    local(
+                        "client_secret_file",
+                        e,
+                        "Put the client secret's Value into the file (mode 600).",
+                    )
+                })?;
+                form.push(("client_secret", secret));
+            }
+            Credential::Certificate { cert, key, alg } => {
+                let fix = "Check certificate_file and private_key_file.";
+                let signer = AssertionSigner::load(cert, key, *alg)
+                    .map_err(|e| local("certificate_file", e, fix))?;
                 let jwt = signer
                     .assertion(&self.client_id, &self.token_url)
-                    .map_err(|e| TokenError {
-                        error: "assertion".into(),
-                        code: None,
-                        config: true,
-                        advice: Advice::new(
-                            format!("Cannot sign the client assertion: {e}."),
-                            "Check certificate_file and private_key_file.",
-                        ),
+                    .map_err(|e| {
+                        local(
+                            "assertion",
+                            format!("Cannot sign the client assertion: {e}"),
+                            fix,
+                        )
                     })?;
                 form.push((
                     "client_assertion_type",
