@@ -43,8 +43,20 @@ dir = "var/capture"
 
 #[test]
 fn check_accepts_the_shipped_configs() {
+    use std::os::unix::fs::PermissionsExt;
     let root = env!("CARGO_MANIFEST_DIR");
-    for file in ["config/quickstart.toml", "config/exorelay.example.toml"] {
+    // The example refers to /etc/exorelay/contoso.secret: give it one in a scratch folder.
+    let scratch = tempfile::tempdir().unwrap();
+    let secret = scratch.path().join("contoso.secret");
+    std::fs::write(&secret, "value\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let example = std::fs::read_to_string(format!("{root}/config/exorelay.example.toml"))
+        .unwrap()
+        .replace("/etc/exorelay/", &format!("{}/", scratch.path().display()));
+    let example_path = scratch.path().join("exorelay.example.toml");
+    std::fs::write(&example_path, example).unwrap();
+    let quickstart = format!("{root}/config/quickstart.toml");
+    for file in [quickstart.as_str(), example_path.to_str().unwrap()] {
         let out = Command::new(BIN)
             .args(["check", "--config", file])
             .current_dir(root)
