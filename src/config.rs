@@ -146,6 +146,9 @@ pub struct QueueConfig {
     /// While an account is paused by a configuration error, how often one message is tried.
     #[serde(default = "default_probe_interval", deserialize_with = "de_duration")]
     pub probe_interval: Duration,
+    /// How long deleted messages are kept in `deleted/` before they are pruned.
+    #[serde(default = "default_keep_deleted", deserialize_with = "de_duration")]
+    pub keep_deleted: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -362,6 +365,9 @@ fn default_rate_window() -> Duration {
 fn default_dsn() -> DsnTo {
     DsnTo::Sender
 }
+fn default_keep_deleted() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
 fn default_probe_interval() -> Duration {
     Duration::from_secs(300)
 }
@@ -395,6 +401,7 @@ impl Default for QueueConfig {
             dsn: default_dsn(),
             admin_address: None,
             probe_interval: default_probe_interval(),
+            keep_deleted: default_keep_deleted(),
         }
     }
 }

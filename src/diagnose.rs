@@ -258,8 +258,12 @@ async fn send_test_in(
     let (spool, _) = Spool::open(&cfg.queue.dir, 10)
         .map_err(|e| format!("cannot create a temporary spool: {e}"))?;
     let spool = Arc::new(spool);
-    let forwarder =
-        crate::forward::Forwarder::new(cfg.clone(), spool.clone()).map_err(|e| e.to_string())?;
+    let forwarder = crate::forward::Forwarder::new(
+        cfg.clone(),
+        spool.clone(),
+        Arc::new(crate::metrics::Metrics::new()),
+    )
+    .map_err(|e| e.to_string())?;
     let status = forwarder.status();
     let shutdown = tokio_util::sync::CancellationToken::new();
     let tracker = tokio_util::task::TaskTracker::new();
@@ -302,6 +306,7 @@ async fn send_test_in(
         smtputf8: false,
         attempts: 0,
         next_attempt_at: None,
+        requeued_at: None,
     };
     w.commit(&spool, meta).await.map_err(|e| e.to_string())?;
     r.pass("spool", format!("test message queued as {id}"));

@@ -5,6 +5,7 @@ pub mod advice;
 pub mod config;
 pub mod diagnose;
 pub mod forward;
+pub mod metrics;
 pub mod oauth;
 pub mod smtp;
 pub mod spool;
@@ -82,8 +83,13 @@ pub async fn run(
         "spool recovered"
     );
     let spool = Arc::new(spool);
-    let forwarder = forward::Forwarder::new(config.clone(), spool.clone())?;
-    let inbound = Arc::new(smtp::listener::Inbound::new(config.clone(), spool.clone()));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let forwarder = forward::Forwarder::new(config.clone(), spool.clone(), metrics.clone())?;
+    let inbound = Arc::new(smtp::listener::Inbound::new(
+        config.clone(),
+        spool.clone(),
+        metrics.clone(),
+    ));
 
     let sessions = TaskTracker::new();
     let deliveries = TaskTracker::new();

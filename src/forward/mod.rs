@@ -16,18 +16,19 @@ pub mod backoff;
 pub mod dsn;
 pub mod status;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::config::{AccountKind, Config, DsnTo};
-use crate::spool::{Client, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION};
+use crate::metrics::{FailedLabels, Metrics};
+use crate::spool::{Area, Client, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION};
 use crate::upstream::capture::Capture;
 use crate::upstream::exchange::Exchange;
 use crate::upstream::{AccountSignal, Job, Outcome, Upstream};
@@ -42,6 +43,53 @@ struct Account {
     blocked_until: Option<DateTime<Utc>>,
     paused: bool,
     probing: bool,
+    /// Paused by an administrator (not by an error): no probes until resumed.
+    held_by_admin: bool,
+}
+
+/// An administrator's command, from the HTTP side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Deliver now: a queued message skips its backoff; a failed or deleted one is restored.
+    Retry(String),
+    Hold(String),
+    Release(String),
+    /// Move to `deleted/` (pruned later, so a slip can be undone with Retry).
+    Delete(String),
+    PauseAccount(String),
+    ResumeAccount(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("no message or account with that name")]
+    NotFound,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("spool error: {0}")]
+    Io(String),
+    #[error("the relay is shutting down")]
+    Stopped,
+}
+
+type ControlMsg = (Command, oneshot::Sender<Result<String, ControlError>>);
+
+/// A handle for sending [`Command`]s to the running forwarder.
+#[derive(Clone)]
+pub struct Control {
+    tx: mpsc::Sender<ControlMsg>,
+}
+
+impl Control {
+    /// Sends a command and waits for the result (a short description of what was done).
+    pub async fn send(&self, cmd: Command) -> Result<String, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((cmd, tx))
+            .await
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)?
+    }
 }
 
 pub struct Forwarder {
@@ -49,6 +97,13 @@ pub struct Forwarder {
     spool: Arc<Spool>,
     accounts: HashMap<String, Account>,
     status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    control_tx: mpsc::Sender<ControlMsg>,
+    control_rx: mpsc::Receiver<ControlMsg>,
+    /// (due time, queue ID, account), with an index by ID.
+    schedule: BTreeSet<(DateTime<Utc>, String, String)>,
+    scheduled: HashMap<String, DateTime<Utc>>,
+    in_flight: HashSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +124,11 @@ struct Done {
 }
 
 /// Builds the upstream for one account.
-pub fn upstream_for(config: &Config, name: &str) -> Result<Arc<dyn Upstream>, ForwarderError> {
+pub fn upstream_for(
+    config: &Config,
+    name: &str,
+    metrics: &Arc<Metrics>,
+) -> Result<Arc<dyn Upstream>, ForwarderError> {
     let a = config
         .accounts
         .iter()
@@ -90,18 +149,26 @@ pub fn upstream_for(config: &Config, name: &str) -> Result<Arc<dyn Upstream>, Fo
             )
         }
         AccountKind::Exchange => {
-            let tokens = Arc::new(crate::oauth::TokenManager::new(a).map_err(err)?);
+            let tokens = Arc::new(
+                crate::oauth::TokenManager::new(a)
+                    .map_err(err)?
+                    .with_metrics(metrics.clone()),
+            );
             Arc::new(Exchange::new(a, &config.hostname, tokens).map_err(err)?)
         }
     })
 }
 
 impl Forwarder {
-    pub fn new(config: Arc<Config>, spool: Arc<Spool>) -> Result<Forwarder, ForwarderError> {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Forwarder, ForwarderError> {
         let mut accounts = HashMap::new();
         let status = Arc::new(Status::default());
         for a in &config.accounts {
-            let upstream = upstream_for(&config, &a.name)?;
+            let upstream = upstream_for(&config, &a.name, &metrics)?;
             accounts.insert(
                 a.name.clone(),
                 Account {
@@ -111,16 +178,50 @@ impl Forwarder {
                     blocked_until: None,
                     paused: false,
                     probing: false,
+                    held_by_admin: false,
                 },
             );
             status.set(&a.name, AccountState::Active, None);
+            metrics
+                .account_paused
+                .get_or_create(&Metrics::account(&a.name))
+                .set(0);
         }
+        let (control_tx, control_rx) = mpsc::channel(64);
         Ok(Forwarder {
             config,
             spool,
             accounts,
             status,
+            metrics,
+            control_tx,
+            control_rx,
+            schedule: BTreeSet::new(),
+            scheduled: HashMap::new(),
+            in_flight: HashSet::new(),
         })
+    }
+
+    pub fn control(&self) -> Control {
+        Control {
+            tx: self.control_tx.clone(),
+        }
+    }
+
+    fn schedule_at(&mut self, id: String, account: String, at: DateTime<Utc>) {
+        self.unschedule(&id);
+        self.scheduled.insert(id.clone(), at);
+        self.schedule.insert((at, id, account));
+    }
+
+    /// Forgets a message: not scheduled, not waiting.
+    fn unschedule(&mut self, id: &str) {
+        if let Some(at) = self.scheduled.remove(id) {
+            self.schedule.retain(|(t, i, _)| !(*t == at && i == id));
+        }
+        for a in self.accounts.values_mut() {
+            a.waiting.retain(|w| w != id);
+        }
     }
 
     /// Shared view of every account's state.
@@ -140,18 +241,18 @@ impl Forwarder {
             return;
         };
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-        // (due time, queue ID, account)
-        let mut schedule: BTreeSet<(DateTime<Utc>, String, String)> = BTreeSet::new();
         for m in recovered {
             let due = m.next_attempt_at.unwrap_or(m.received_at);
-            schedule.insert((due, m.id, m.account));
+            self.schedule_at(m.id, m.account, due);
         }
+        let mut prune = tokio::time::interval(Duration::from_secs(3600));
         loop {
             let now = Utc::now();
-            while schedule.first().is_some_and(|f| f.0 <= now) {
-                let Some((_, id, account)) = schedule.pop_first() else {
+            while self.schedule.first().is_some_and(|f| f.0 <= now) {
+                let Some((_, id, account)) = self.schedule.pop_first() else {
                     break;
                 };
+                self.scheduled.remove(&id);
                 let name = if self.accounts.contains_key(&account) {
                     account
                 } else {
@@ -164,7 +265,7 @@ impl Forwarder {
             }
             self.dispatch(&done_tx, &tracker);
 
-            let mut wake = schedule.first().map(|f| f.0);
+            let mut wake = self.schedule.first().map(|f| f.0);
             for a in self.accounts.values() {
                 if let Some(until) = a.blocked_until
                     && !a.waiting.is_empty()
@@ -179,18 +280,168 @@ impl Forwarder {
                 _ = shutdown.cancelled() => break,
                 Some(id) = committed.recv() => {
                     match self.spool.load(&id) {
-                        Ok(m) => { schedule.insert((Utc::now(), id, m.account)); }
+                        Ok(m) => {
+                            self.metrics.received.get_or_create(&Metrics::account(&m.account)).inc();
+                            self.schedule_at(id, m.account, Utc::now());
+                        }
                         Err(e) => warn!(queue_id = %id, error = %e, "committed message vanished before delivery"),
                     }
                 }
                 Some(done) = done_rx.recv() => {
+                    self.in_flight.remove(&done.id);
                     self.finished(&done);
                     if let Some(at) = done.retry_at {
-                        schedule.insert((at, done.id, done.account));
+                        self.schedule_at(done.id, done.account, at);
                     }
+                }
+                Some((cmd, reply)) = self.control_rx.recv() => {
+                    let result = self.command(cmd).await;
+                    let _ = reply.send(result);
+                }
+                _ = prune.tick() => {
+                    let spool = self.spool.clone();
+                    let keep = self.config.queue.keep_deleted;
+                    let _ = tokio::task::spawn_blocking(move || spool.prune_deleted(keep)).await;
                 }
                 _ = tokio::time::sleep(sleep) => {}
             }
+        }
+    }
+
+    /// Carries out an administrator's command. Messages in delivery right now are left alone.
+    async fn command(&mut self, cmd: Command) -> Result<String, ControlError> {
+        let io = |e: std::io::Error| ControlError::Io(e.to_string());
+        let busy = || {
+            ControlError::Conflict(
+                "a delivery attempt is running right now; try again in a moment".into(),
+            )
+        };
+        match cmd {
+            Command::PauseAccount(name) | Command::ResumeAccount(name)
+                if !self.accounts.contains_key(&name) =>
+            {
+                let _ = name;
+                Err(ControlError::NotFound)
+            }
+            Command::PauseAccount(name) => {
+                if let Some(a) = self.accounts.get_mut(&name) {
+                    a.held_by_admin = true;
+                }
+                let advice = crate::advice::Advice::new(
+                    "Paused by an administrator.",
+                    "Resume the account when ready.",
+                );
+                self.status.set(
+                    &name,
+                    AccountState::Paused {
+                        next_probe: Utc::now(),
+                        advice,
+                    },
+                    None,
+                );
+                self.metrics
+                    .account_paused
+                    .get_or_create(&Metrics::account(&name))
+                    .set(1);
+                info!(account = %name, "account paused by an administrator");
+                Ok(format!("account {name} paused"))
+            }
+            Command::ResumeAccount(name) => {
+                if let Some(a) = self.accounts.get_mut(&name) {
+                    a.held_by_admin = false;
+                    a.paused = false;
+                    a.probing = false;
+                    a.blocked_until = None;
+                }
+                self.status.set(&name, AccountState::Active, None);
+                self.metrics
+                    .account_paused
+                    .get_or_create(&Metrics::account(&name))
+                    .set(0);
+                info!(account = %name, "account resumed by an administrator");
+                Ok(format!("account {name} resumed"))
+            }
+            Command::Retry(id) | Command::Hold(id) | Command::Release(id) | Command::Delete(id)
+                if self.in_flight.contains(&id) =>
+            {
+                let _ = id;
+                Err(busy())
+            }
+            Command::Retry(id) => match self.spool.locate(&id) {
+                Some(Area::Queue) => {
+                    let m = self.spool.load(&id).map_err(io)?;
+                    self.schedule_at(id.clone(), m.account, Utc::now());
+                    Ok(format!("{id} will be tried now"))
+                }
+                Some(from @ (Area::Failed | Area::Deleted)) => {
+                    let mut m = self.spool.load_in(from, &id).map_err(io)?;
+                    for r in m
+                        .recipients
+                        .iter_mut()
+                        .filter(|r| r.status == RecipientStatus::Failed)
+                    {
+                        r.status = RecipientStatus::Pending;
+                    }
+                    if m.pending().count() == 0 {
+                        return Err(ControlError::Conflict(
+                            "every recipient was already delivered".into(),
+                        ));
+                    }
+                    m.requeued_at = Some(Utc::now());
+                    m.next_attempt_at = None;
+                    self.spool
+                        .move_message(&id, from, Area::Queue, Some(&m))
+                        .map_err(io)?;
+                    info!(queue_id = %id, from = from.name(), "message sent back to the queue by an administrator");
+                    self.schedule_at(id.clone(), m.account, Utc::now());
+                    Ok(format!("{id} is back in the queue"))
+                }
+                Some(Area::Hold) => Err(ControlError::Conflict(
+                    "the message is on hold; release it".into(),
+                )),
+                None => Err(ControlError::NotFound),
+            },
+            Command::Hold(id) => match self.spool.locate(&id) {
+                Some(Area::Queue) => {
+                    self.unschedule(&id);
+                    self.spool
+                        .move_message(&id, Area::Queue, Area::Hold, None)
+                        .map_err(io)?;
+                    info!(queue_id = %id, "message put on hold by an administrator");
+                    Ok(format!("{id} is on hold"))
+                }
+                Some(_) => Err(ControlError::Conflict(
+                    "only queued messages can be put on hold".into(),
+                )),
+                None => Err(ControlError::NotFound),
+            },
+            Command::Release(id) => match self.spool.locate(&id) {
+                Some(Area::Hold) => {
+                    let m = self.spool.load_in(Area::Hold, &id).map_err(io)?;
+                    self.spool
+                        .move_message(&id, Area::Hold, Area::Queue, None)
+                        .map_err(io)?;
+                    info!(queue_id = %id, "message released by an administrator");
+                    self.schedule_at(id.clone(), m.account, Utc::now());
+                    Ok(format!("{id} released"))
+                }
+                Some(_) => Err(ControlError::Conflict("the message is not on hold".into())),
+                None => Err(ControlError::NotFound),
+            },
+            Command::Delete(id) => match self.spool.locate(&id) {
+                Some(Area::Deleted) => Err(ControlError::Conflict("already deleted".into())),
+                Some(from) => {
+                    self.unschedule(&id);
+                    self.spool
+                        .move_message(&id, from, Area::Deleted, None)
+                        .map_err(io)?;
+                    info!(queue_id = %id, from = from.name(), "message deleted by an administrator (kept in deleted/ until pruned)");
+                    Ok(format!(
+                        "{id} deleted (recoverable from deleted/ until pruned)"
+                    ))
+                }
+                None => Err(ControlError::NotFound),
+            },
         }
     }
 
@@ -211,6 +462,10 @@ impl Forwarder {
                     a.blocked_until = Some(until);
                 }
                 warn!(account = %done.account, %reason, until = %until, "Exchange throttled the account; slowing down (not counted as a failure)");
+                self.metrics
+                    .throttled
+                    .get_or_create(&Metrics::account(&done.account))
+                    .inc();
                 self.status.set(
                     &done.account,
                     AccountState::Throttled {
@@ -225,7 +480,13 @@ impl Forwarder {
                 a.blocked_until = Some(next);
                 if !a.paused {
                     error!(account = %done.account, cause = %advice.cause, fix = %advice.fix, "account paused: mail stays queued until this is fixed");
+                    self.status
+                        .event("paused", &done.id, &done.account, &advice.to_string());
                 }
+                self.metrics
+                    .account_paused
+                    .get_or_create(&Metrics::account(&done.account))
+                    .set(1);
                 a.paused = true;
                 self.status.set(
                     &done.account,
@@ -253,7 +514,17 @@ impl Forwarder {
                 if a.paused || a.blocked_until.is_some_and(|u| u <= now) {
                     if a.paused {
                         info!(account = %done.account, "account works again; resuming delivery");
+                        self.status.event(
+                            "resumed",
+                            &done.id,
+                            &done.account,
+                            "account works again",
+                        );
                     }
+                    self.metrics
+                        .account_paused
+                        .get_or_create(&Metrics::account(&done.account))
+                        .set(0);
                     a.paused = false;
                     a.blocked_until = None;
                     self.status.set(&done.account, AccountState::Active, None);
@@ -270,6 +541,9 @@ impl Forwarder {
         let now = Utc::now();
         for (name, account) in self.accounts.iter_mut() {
             let mut limit = usize::MAX;
+            if account.held_by_admin {
+                continue;
+            }
             if let Some(until) = account.blocked_until {
                 if until > now || account.probing {
                     continue;
@@ -292,15 +566,24 @@ impl Forwarder {
                     break;
                 };
                 limit -= 1;
-                let (spool, upstream, config, done_tx, name) = (
+                self.in_flight.insert(id.clone());
+                let (spool, upstream, config, done_tx, name, metrics, status) = (
                     self.spool.clone(),
                     account.upstream.clone(),
                     self.config.clone(),
                     done_tx.clone(),
                     name.clone(),
+                    self.metrics.clone(),
+                    self.status.clone(),
                 );
                 tracker.spawn(async move {
-                    let done = attempt(&spool, upstream.as_ref(), &config, &id, &name).await;
+                    let ctx = AttemptCtx {
+                        spool: &spool,
+                        config: &config,
+                        metrics: &metrics,
+                        status: &status,
+                    };
+                    let done = attempt(&ctx, upstream.as_ref(), &id, &name).await;
                     drop(permit);
                     let _ = done_tx.send(done);
                 });
@@ -310,13 +593,16 @@ impl Forwarder {
 }
 
 /// One delivery attempt of one message.
-async fn attempt(
-    spool: &Arc<Spool>,
-    upstream: &dyn Upstream,
-    config: &Config,
-    id: &str,
-    account: &str,
-) -> Done {
+/// What an attempt needs besides the message.
+struct AttemptCtx<'a> {
+    spool: &'a Arc<Spool>,
+    config: &'a Config,
+    metrics: &'a Metrics,
+    status: &'a Status,
+}
+
+async fn attempt(ctx: &AttemptCtx<'_>, upstream: &dyn Upstream, id: &str, account: &str) -> Done {
+    let (spool, config) = (ctx.spool, ctx.config);
     let gone = |signal| Done {
         id: id.to_string(),
         account: account.to_string(),
@@ -395,7 +681,9 @@ async fn attempt(
         meta.attempts += 1;
     }
     let now = Utc::now();
-    let age = (now - meta.received_at).to_std().unwrap_or_default();
+    let age = (now - meta.requeued_at.unwrap_or(meta.received_at))
+        .to_std()
+        .unwrap_or_default();
     let mut expired = false;
     if deferred + skipped > 0 && age >= config.queue.max_age {
         expired = true;
@@ -451,9 +739,45 @@ async fn attempt(
     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
     let retry_at = match result_io {
         Ok(()) => {
+            let label = Metrics::account(account);
             if pending_left == 0 && any_failed {
                 warn!(queue_id = %id, "message moved to failed/");
+                let class = if expired { "expired" } else { "permanent" };
+                ctx.metrics
+                    .failed
+                    .get_or_create(&FailedLabels {
+                        account: account.to_string(),
+                        class: class.into(),
+                    })
+                    .inc();
+                ctx.status.event(
+                    "failed",
+                    id,
+                    account,
+                    last_problem.as_deref().unwrap_or(class),
+                );
                 send_dsn(spool, config, &meta).await;
+            } else if pending_left == 0 {
+                ctx.metrics.delivered.get_or_create(&label).inc();
+                let latency = (now - meta.received_at).to_std().unwrap_or_default();
+                ctx.metrics
+                    .delivery_latency
+                    .get_or_create(&label)
+                    .observe(latency.as_secs_f64());
+                ctx.status.event(
+                    "delivered",
+                    id,
+                    account,
+                    &format!("{} recipient(s)", meta.recipients.len()),
+                );
+            } else if deferred > 0 {
+                ctx.metrics.deferred.get_or_create(&label).inc();
+                ctx.status.event(
+                    "deferred",
+                    id,
+                    account,
+                    last_problem.as_deref().unwrap_or(""),
+                );
             }
             retry_at
         }
@@ -521,6 +845,7 @@ async fn send_dsn(spool: &Arc<Spool>, config: &Config, meta: &Meta) {
             smtputf8: false,
             attempts: 0,
             next_attempt_at: None,
+            requeued_at: None,
         };
         w.commit(spool, dsn_meta).await
     }

@@ -38,9 +38,23 @@ pub struct AccountStatus {
     pub last_error: Option<String>,
 }
 
+/// One thing that happened to a message, for the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub time: DateTime<Utc>,
+    /// delivered | deferred | failed | paused | resumed
+    pub kind: &'static str,
+    pub queue_id: String,
+    pub account: String,
+    pub detail: String,
+}
+
+const EVENTS_KEPT: usize = 100;
+
 #[derive(Debug, Default)]
 pub struct Status {
     accounts: Mutex<HashMap<String, AccountStatus>>,
+    events: Mutex<std::collections::VecDeque<Event>>,
 }
 
 impl Status {
@@ -64,6 +78,29 @@ impl Status {
         {
             e.last_success = Some(Utc::now());
         }
+    }
+
+    pub fn event(&self, kind: &'static str, queue_id: &str, account: &str, detail: &str) {
+        if let Ok(mut e) = self.events.lock() {
+            if e.len() >= EVENTS_KEPT {
+                e.pop_front();
+            }
+            e.push_back(Event {
+                time: Utc::now(),
+                kind,
+                queue_id: queue_id.to_string(),
+                account: account.to_string(),
+                detail: detail.to_string(),
+            });
+        }
+    }
+
+    /// Newest first.
+    pub fn recent_events(&self) -> Vec<Event> {
+        self.events
+            .lock()
+            .map(|e| e.iter().rev().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub fn get(&self, account: &str) -> Option<AccountStatus> {

@@ -115,6 +115,7 @@ pub struct TokenManager {
     credential: Credential,
     cache: tokio::sync::Mutex<Cache>,
     requests: AtomicU64,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// An HTTP client for Entra: no redirects (SSRF), bounded timeouts, system roots plus `ca_file`.
@@ -167,7 +168,14 @@ impl TokenManager {
             credential,
             cache: tokio::sync::Mutex::new(Cache::default()),
             requests: AtomicU64::new(0),
+            metrics: None,
         })
+    }
+
+    /// Counts requests and failures and exports the token expiry in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> TokenManager {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn token_url(&self) -> &str {
@@ -196,8 +204,20 @@ impl TokenManager {
         {
             return Err(err.clone());
         }
+        let label = crate::metrics::Metrics::account(&self.account);
+        if let Some(m) = &self.metrics {
+            m.token_requests.get_or_create(&label).inc();
+        }
         match self.request().await {
             Ok(t) => {
+                if let Some(m) = &self.metrics {
+                    let exp = t
+                        .expires_wall
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    m.credential_expiry.get_or_create(&label).set(exp as i64);
+                }
                 cache.token = Some(t.clone());
                 cache.failure = None;
                 cache.failures = 0;
@@ -205,6 +225,9 @@ impl TokenManager {
                 Ok(t)
             }
             Err(e) => {
+                if let Some(m) = &self.metrics {
+                    m.token_failures.get_or_create(&label).inc();
+                }
                 cache.failures += 1;
                 let backoff =
                     Duration::from_secs(1 << cache.failures.min(6)).min(Duration::from_secs(60));

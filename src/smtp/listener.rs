@@ -31,14 +31,20 @@ const READ_BUFFER: usize = 64 * 1024;
 pub struct Inbound {
     pub config: Arc<Config>,
     pub spool: Arc<Spool>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub users: Users,
     pub guard: AuthGuard,
     pub connections: Arc<Semaphore>,
 }
 
 impl Inbound {
-    pub fn new(config: Arc<Config>, spool: Arc<Spool>) -> Inbound {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Inbound {
         Inbound {
+            metrics,
             users: Users::new(&config.users),
             guard: AuthGuard::new(config.relay.max_auth_failures, config.relay.auth_ban_time),
             connections: Arc::new(Semaphore::new(config.relay.max_connections)),
@@ -67,6 +73,7 @@ impl Inbound {
             return AuthOutcome::Success;
         }
         let banned = self.guard.failure(ip);
+        self.metrics.smtp_auth_failures.inc();
         warn!(client = %ip, user = %user.escape_debug(), banned, "AUTH failed");
         tokio::time::sleep(self.config.relay.auth_failure_delay).await;
         if banned {
@@ -140,9 +147,13 @@ pub async fn serve(
             lc.tls,
             shutdown.clone(),
         );
+        inbound.metrics.smtp_sessions.inc();
         tracker.spawn(
             async move {
+                inbound.metrics.smtp_active_sessions.inc();
+                let metrics = inbound.metrics.clone();
                 connection(tcp, peer, lc_tls, tls, params, inbound, shutdown).await;
+                metrics.smtp_active_sessions.dec();
                 drop(permit);
             }
             .instrument(span),
@@ -374,6 +385,7 @@ async fn connection(
                 }
             }
             Step::AbortMessage => {
+                inbound.metrics.smtp_rejected.inc();
                 if let Some(w) = writer.take() {
                     info!(queue_id = %w.id(), size = w.written(), "message refused; partial data discarded");
                     w.abort().await;
@@ -445,5 +457,6 @@ fn build_meta(config: &Config, ip: IpAddr, env: &Envelope) -> Meta {
         smtputf8: env.smtputf8,
         attempts: 0,
         next_attempt_at: None,
+        requeued_at: None,
     }
 }

@@ -34,6 +34,10 @@ pub struct Meta {
     pub attempts: u32,
     #[serde(default)]
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Set when an administrator sends a failed message back to the queue: `max_age` then
+    /// counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requeued_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +120,7 @@ mod tests {
             smtputf8: false,
             attempts: 0,
             next_attempt_at: None,
+            requeued_at: None,
         };
         assert_eq!(Meta::decode(&m.encode()), Ok(m));
         assert!(Meta::decode(b"{not json").is_err());

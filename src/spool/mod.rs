@@ -3,8 +3,13 @@
 //! Layout under `[queue] dir`:
 //! - `tmp/`     files being written; anything here at startup is removed (never acknowledged);
 //! - `queue/`   committed messages waiting for delivery;
+//! - `hold/`    messages an administrator put on hold (not delivered until released);
 //! - `failed/`  messages given up on, kept for the administrator;
+//! - `deleted/` messages an administrator deleted, kept until pruned so a slip is recoverable;
 //! - `corrupt/` files recovery could not read, quarantined with a loud log line, never deleted.
+//!
+//! Moving a message between areas renames the meta first, then the body. Recovery treats the
+//! meta as the authority: a body whose meta sits in another area is moved to it.
 //!
 //! Commit protocol (the only way a message enters `queue/`):
 //! 1. the body is streamed into `tmp/<ID>.eml` and fsynced;
@@ -18,7 +23,7 @@
 
 pub mod meta;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -60,10 +65,35 @@ pub struct Recovered {
     pub quarantined: usize,
 }
 
+/// A spool folder a committed message can be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Area {
+    Queue,
+    Hold,
+    Failed,
+    Deleted,
+}
+
+impl Area {
+    pub const ALL: [Area; 4] = [Area::Queue, Area::Hold, Area::Failed, Area::Deleted];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Area::Queue => "queue",
+            Area::Hold => "hold",
+            Area::Failed => "failed",
+            Area::Deleted => "deleted",
+        }
+    }
+}
+
 pub struct Spool {
     tmp: PathBuf,
     queue: PathBuf,
+    hold: PathBuf,
     failed: PathBuf,
+    deleted: PathBuf,
     corrupt: PathBuf,
     count: AtomicUsize,
     max_messages: usize,
@@ -91,6 +121,12 @@ pub fn new_queue_id() -> String {
 }
 
 /// True for strings that look like our queue IDs (guards every path built from an ID).
+/// When a queue ID was made (its first 13 hex digits are microseconds since the epoch).
+pub fn id_time(id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    let micros = i64::from_str_radix(id.get(..13)?, 16).ok()?;
+    chrono::DateTime::from_timestamp_micros(micros)
+}
+
 pub fn is_queue_id(s: &str) -> bool {
     s.len() == 17
         && s.bytes()
@@ -108,14 +144,23 @@ impl Spool {
         let spool = Spool {
             tmp: root.join("tmp"),
             queue: root.join("queue"),
+            hold: root.join("hold"),
             failed: root.join("failed"),
+            deleted: root.join("deleted"),
             corrupt: root.join("corrupt"),
             count: AtomicUsize::new(0),
             max_messages,
             committed_tx: tx,
             committed_rx: Mutex::new(Some(rx)),
         };
-        for d in [&spool.tmp, &spool.queue, &spool.failed, &spool.corrupt] {
+        for d in [
+            &spool.tmp,
+            &spool.queue,
+            &spool.hold,
+            &spool.failed,
+            &spool.deleted,
+            &spool.corrupt,
+        ] {
             std::fs::create_dir_all(d)
                 .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", d.display())))?;
         }
@@ -145,6 +190,97 @@ impl Spool {
 
     pub fn failed_dir(&self) -> &Path {
         &self.failed
+    }
+
+    pub fn dir(&self, area: Area) -> &Path {
+        match area {
+            Area::Queue => &self.queue,
+            Area::Hold => &self.hold,
+            Area::Failed => &self.failed,
+            Area::Deleted => &self.deleted,
+        }
+    }
+
+    /// The area holding this message's meta, if any.
+    pub fn locate(&self, id: &str) -> Option<Area> {
+        if !is_queue_id(id) {
+            return None;
+        }
+        Area::ALL
+            .into_iter()
+            .find(|a| self.dir(*a).join(format!("{id}.json")).is_file())
+    }
+
+    pub fn load_in(&self, area: Area, id: &str) -> io::Result<Meta> {
+        let bytes = std::fs::read(self.dir(area).join(format!("{id}.json")))?;
+        Meta::decode(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    pub fn body_in(&self, area: Area, id: &str) -> PathBuf {
+        self.dir(area).join(format!("{id}.eml"))
+    }
+
+    /// IDs of the messages in `area`, oldest first.
+    pub fn ids(&self, area: Area) -> io::Result<Vec<String>> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.dir(area))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_string)
+            })
+            .filter(|id| is_queue_id(id))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Moves a message between areas (meta first, then body), writing `meta` as its new meta
+    /// when given. Keeps the queue count.
+    pub fn move_message(
+        &self,
+        id: &str,
+        from: Area,
+        to: Area,
+        meta: Option<&Meta>,
+    ) -> io::Result<()> {
+        let (fd, td) = (self.dir(from), self.dir(to));
+        match meta {
+            Some(m) => {
+                let tmp = self.tmp.join(format!("{id}.json.move"));
+                Self::write_file_synced(&tmp, &m.encode())?;
+                std::fs::rename(&tmp, td.join(format!("{id}.json")))?;
+                std::fs::remove_file(fd.join(format!("{id}.json")))?;
+            }
+            None => std::fs::rename(fd.join(format!("{id}.json")), td.join(format!("{id}.json")))?,
+        }
+        std::fs::rename(fd.join(format!("{id}.eml")), td.join(format!("{id}.eml")))?;
+        fsync_dir(td)?;
+        fsync_dir(fd)?;
+        if from == Area::Queue && to != Area::Queue {
+            self.count.fetch_sub(1, Ordering::SeqCst);
+        }
+        if to == Area::Queue && from != Area::Queue {
+            self.count.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Removes deleted messages older than `keep` (by queue ID time). Returns how many.
+    pub fn prune_deleted(&self, keep: std::time::Duration) -> usize {
+        let cutoff = chrono::Utc::now()
+            - chrono::Duration::from_std(keep).unwrap_or(chrono::Duration::days(7));
+        let mut n = 0;
+        for id in self.ids(Area::Deleted).unwrap_or_default() {
+            if id_time(&id).is_some_and(|t| t < cutoff) {
+                let _ = std::fs::remove_file(self.deleted.join(format!("{id}.eml")));
+                if std::fs::remove_file(self.deleted.join(format!("{id}.json"))).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// Starts a new message. Fails with [`SpoolError::Full`] when the spool is at its limit.
@@ -231,8 +367,8 @@ impl Spool {
         fsync_dir(&self.queue)
     }
 
-    fn quarantine(&self, name: &str) -> io::Result<()> {
-        std::fs::rename(self.queue.join(name), self.corrupt.join(name))
+    fn quarantine(&self, area: Area, name: &str) -> io::Result<()> {
+        std::fs::rename(self.dir(area).join(name), self.corrupt.join(name))
     }
 
     /// Startup recovery. Idempotent; never deletes anything that was acknowledged.
@@ -245,63 +381,116 @@ impl Spool {
                 out.removed += 1;
             }
         }
-        let mut bodies = HashSet::new();
-        let mut metas = BTreeMap::new();
-        for entry in std::fs::read_dir(&self.queue)? {
-            let entry = entry?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            match name.rsplit_once('.') {
-                Some((id, "eml")) if is_queue_id(id) => {
-                    bodies.insert(id.to_string());
-                }
-                Some((id, "json")) if is_queue_id(id) => {
-                    metas.insert(id.to_string(), entry.path());
-                }
-                _ => {
-                    tracing::warn!(file = %entry.path().display(), "unexpected file in the spool's queue folder; left alone")
+        // What each area holds.
+        let mut bodies: HashMap<Area, HashSet<String>> = HashMap::new();
+        let mut metas: HashMap<Area, HashSet<String>> = HashMap::new();
+        for area in Area::ALL {
+            for entry in std::fs::read_dir(self.dir(area))? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                match name.rsplit_once('.') {
+                    Some((id, "eml")) if is_queue_id(id) => {
+                        bodies.entry(area).or_default().insert(id.to_string());
+                    }
+                    Some((id, "json")) if is_queue_id(id) => {
+                        metas.entry(area).or_default().insert(id.to_string());
+                    }
+                    _ => {
+                        tracing::warn!(file = %entry.path().display(), "unexpected file in the spool; left alone")
+                    }
                 }
             }
         }
-        for (id, path) in &metas {
-            if !bodies.contains(id) {
-                if self.failed.join(format!("{id}.eml")).exists() {
-                    // Crash in the middle of `fail`: the failed copy is complete.
-                    std::fs::remove_file(path)?;
+        let has = |m: &HashMap<Area, HashSet<String>>, a: Area, id: &str| {
+            m.get(&a).is_some_and(|s| s.contains(id))
+        };
+        // 1. A meta in two areas (a crash inside `fail`): keep the one beside its body.
+        for area in Area::ALL {
+            let ids: Vec<String> = metas
+                .get(&area)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default();
+            for id in ids {
+                let twin = Area::ALL
+                    .into_iter()
+                    .find(|b| *b != area && has(&metas, *b, &id));
+                if let Some(b) = twin
+                    && !has(&bodies, area, &id)
+                    && has(&bodies, b, &id)
+                {
+                    std::fs::remove_file(self.dir(area).join(format!("{id}.json")))?;
+                    if let Some(s) = metas.get_mut(&area) {
+                        s.remove(&id);
+                    }
+                }
+            }
+        }
+        // 2. Bodies follow their meta; a queue body without any meta was never acknowledged.
+        for area in Area::ALL {
+            let ids: Vec<String> = bodies
+                .get(&area)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default();
+            for id in ids {
+                if has(&metas, area, &id) {
                     continue;
                 }
-                tracing::error!(queue_id = %id, "spool: meta file without its body; moved to corrupt/ for inspection");
-                self.quarantine(&format!("{id}.json"))?;
-                out.quarantined += 1;
-                continue;
-            }
-            let parsed = std::fs::read(path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| Meta::decode(&b))
-                .and_then(|m| {
-                    if &m.id == id {
-                        Ok(m)
-                    } else {
-                        Err(format!("meta names ID {}", m.id))
-                    }
-                });
-            match parsed {
-                Ok(meta) => out.messages.push(meta),
-                Err(reason) => {
-                    tracing::error!(queue_id = %id, %reason, "spool: unreadable meta file; message moved to corrupt/ for inspection");
-                    self.quarantine(&format!("{id}.json"))?;
-                    self.quarantine(&format!("{id}.eml"))?;
+                let name = format!("{id}.eml");
+                if let Some(b) = Area::ALL.into_iter().find(|b| has(&metas, *b, &id)) {
+                    std::fs::rename(self.dir(area).join(&name), self.dir(b).join(&name))?;
+                    bodies.entry(b).or_default().insert(id.clone());
+                } else if area == Area::Queue {
+                    std::fs::remove_file(self.queue.join(&name))?;
+                    out.removed += 1;
+                } else {
+                    tracing::error!(queue_id = %id, area = area.name(), "spool: body without meta; moved to corrupt/ for inspection");
+                    self.quarantine(area, &name)?;
                     out.quarantined += 1;
+                }
+                if let Some(s) = bodies.get_mut(&area) {
+                    s.remove(&id);
                 }
             }
         }
-        for id in bodies {
-            if !metas.contains_key(&id) {
-                // Renamed in but never committed: the client got no 250 for it.
-                std::fs::remove_file(self.queue.join(format!("{id}.eml")))?;
-                out.removed += 1;
+        // 3. Metas must have a body and parse.
+        for area in Area::ALL {
+            let mut ids: Vec<String> = metas
+                .get(&area)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default();
+            ids.sort();
+            for id in ids {
+                if !has(&bodies, area, &id) {
+                    tracing::error!(queue_id = %id, area = area.name(), "spool: meta file without its body; moved to corrupt/ for inspection");
+                    self.quarantine(area, &format!("{id}.json"))?;
+                    out.quarantined += 1;
+                    continue;
+                }
+                let parsed = self
+                    .load_in(area, &id)
+                    .map_err(|e| e.to_string())
+                    .and_then(|m| {
+                        if m.id == id {
+                            Ok(m)
+                        } else {
+                            Err(format!("meta names ID {}", m.id))
+                        }
+                    });
+                match parsed {
+                    Ok(meta) if area == Area::Queue => out.messages.push(meta),
+                    Ok(_) => {}
+                    Err(reason) => {
+                        tracing::error!(queue_id = %id, area = area.name(), %reason, "spool: unreadable meta file; message moved to corrupt/ for inspection");
+                        self.quarantine(area, &format!("{id}.json"))?;
+                        self.quarantine(area, &format!("{id}.eml"))?;
+                        out.quarantined += 1;
+                    }
+                }
             }
         }
-        fsync_dir(&self.queue)?;
+        for area in Area::ALL {
+            fsync_dir(self.dir(area))?;
+        }
         Ok(out)
     }
 }
@@ -407,6 +596,7 @@ mod tests {
             smtputf8: false,
             attempts: 0,
             next_attempt_at: None,
+            requeued_at: None,
         }
     }
 
@@ -469,6 +659,36 @@ mod tests {
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn moves_between_areas_survive_a_crash_halfway() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path(), 10).unwrap();
+        let spool = Arc::new(spool);
+        let w = spool.create().await.unwrap();
+        let id = w.commit(&spool, meta()).await.unwrap();
+        spool
+            .move_message(&id, Area::Queue, Area::Hold, None)
+            .unwrap();
+        assert_eq!(spool.locate(&id), Some(Area::Hold));
+        assert_eq!(spool.len(), 0);
+        // Simulate a crash in the middle of a release: meta moved back, body not yet.
+        std::fs::rename(
+            dir.path().join(format!("hold/{id}.json")),
+            dir.path().join(format!("queue/{id}.json")),
+        )
+        .unwrap();
+        drop(spool);
+        let (spool, rec) = Spool::open(dir.path(), 10).unwrap();
+        assert_eq!(
+            rec.messages.len(),
+            1,
+            "the meta decides where the message is"
+        );
+        assert!(spool.body_path(&id).exists());
+        assert_eq!(spool.len(), 1);
+        assert!(id_time(&id).is_some_and(|t| (chrono::Utc::now() - t).num_seconds() < 60));
     }
 
     #[tokio::test]

@@ -1,0 +1,201 @@
+//! Prometheus metrics in an explicit per-instance registry (several relays can run in one test
+//! process, each with its own `/metrics`). Names follow Prometheus conventions: `exorelay_`
+//! prefix, `_total` on counters (added by the encoder), base units.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabel {
+    pub account: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailedLabels {
+    pub account: String,
+    /// `permanent` (a 5xx for every remaining recipient) or `expired` (max_age reached).
+    pub class: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 ms .. about 4.6 days.
+    Histogram::new(exponential_buckets(0.05, 3.0, 14))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub received: Family<AccountLabel, Counter>,
+    pub delivered: Family<AccountLabel, Counter>,
+    pub deferred: Family<AccountLabel, Counter>,
+    pub failed: Family<FailedLabels, Counter>,
+    pub delivery_latency: Family<AccountLabel, Histogram, fn() -> Histogram>,
+    pub queue_depth: Gauge,
+    pub queue_oldest_age: Gauge<f64, AtomicU64>,
+    pub held: Gauge,
+    pub smtp_sessions: Counter,
+    pub smtp_active_sessions: Gauge,
+    pub smtp_auth_failures: Counter,
+    pub smtp_rejected: Counter,
+    pub token_requests: Family<AccountLabel, Counter>,
+    pub token_failures: Family<AccountLabel, Counter>,
+    pub credential_expiry: Family<AccountLabel, Gauge>,
+    pub account_paused: Family<AccountLabel, Gauge>,
+    pub throttled: Family<AccountLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("exorelay");
+        let m = Metrics {
+            received: Family::default(),
+            delivered: Family::default(),
+            deferred: Family::default(),
+            failed: Family::default(),
+            delivery_latency: Family::new_with_constructor(latency_histogram),
+            queue_depth: Gauge::default(),
+            queue_oldest_age: Gauge::default(),
+            held: Gauge::default(),
+            smtp_sessions: Counter::default(),
+            smtp_active_sessions: Gauge::default(),
+            smtp_auth_failures: Counter::default(),
+            smtp_rejected: Counter::default(),
+            token_requests: Family::default(),
+            token_failures: Family::default(),
+            credential_expiry: Family::default(),
+            account_paused: Family::default(),
+            throttled: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "messages_received",
+            "Messages accepted into the spool (SMTP or HTTP)",
+            m.received.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Messages delivered to every recipient",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "messages_deferred",
+            "Delivery attempts that left recipients pending",
+            m.deferred.clone(),
+        );
+        registry.register(
+            "messages_failed",
+            "Messages moved to failed/, by reason class",
+            m.failed.clone(),
+        );
+        registry.register(
+            "delivery_latency_seconds",
+            "Time from acceptance to delivery",
+            m.delivery_latency.clone(),
+        );
+        registry.register(
+            "queue_messages",
+            "Messages in the spool waiting for delivery",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_oldest_message_age_seconds",
+            "Age of the oldest queued message",
+            m.queue_oldest_age.clone(),
+        );
+        registry.register("queue_held_messages", "Messages on hold", m.held.clone());
+        registry.register(
+            "smtp_sessions",
+            "SMTP connections accepted",
+            m.smtp_sessions.clone(),
+        );
+        registry.register(
+            "smtp_active_sessions",
+            "SMTP connections open now",
+            m.smtp_active_sessions.clone(),
+        );
+        registry.register(
+            "smtp_auth_failures",
+            "Failed AUTH attempts",
+            m.smtp_auth_failures.clone(),
+        );
+        registry.register(
+            "smtp_rejected_transactions",
+            "Messages refused during DATA (size, storage)",
+            m.smtp_rejected.clone(),
+        );
+        registry.register(
+            "token_requests",
+            "Access token requests sent to Entra ID",
+            m.token_requests.clone(),
+        );
+        registry.register(
+            "token_failures",
+            "Access token requests that failed",
+            m.token_failures.clone(),
+        );
+        registry.register(
+            "credential_expiry_timestamp_seconds",
+            "Unix time at which the current access token expires",
+            m.credential_expiry.clone(),
+        );
+        registry.register(
+            "account_paused",
+            "1 while an account is paused by a configuration error",
+            m.account_paused.clone(),
+        );
+        registry.register(
+            "account_throttled",
+            "Throttle replies from Exchange",
+            m.throttled.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn account(name: &str) -> AccountLabel {
+        AccountLabel {
+            account: name.to_string(),
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_conventions() {
+        let m = Metrics::new();
+        m.received.get_or_create(&Metrics::account("local")).inc();
+        m.delivery_latency
+            .get_or_create(&Metrics::account("local"))
+            .observe(0.2);
+        let text = m.encode();
+        assert!(
+            text.contains("exorelay_messages_received_total{account=\"local\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("exorelay_delivery_latency_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
