@@ -31,6 +31,8 @@ pub struct Config {
     pub queue: QueueConfig,
     #[serde(default, rename = "account")]
     pub accounts: Vec<AccountConfig>,
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Where the config was read from; set by [`Config::load`], used in messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -257,6 +259,33 @@ pub struct AccountConfig {
     /// shrink it to run a rate-limit scenario in seconds.
     #[serde(default = "default_rate_window", deserialize_with = "de_duration")]
     pub rate_window: Duration,
+}
+
+/// The HTTP side: health, metrics, queue API, status page. Off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token for the API and the status page's buttons.
+    pub admin_token_file: Option<PathBuf>,
+    pub tls: Option<HttpTls>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl HttpConfig {
+    /// Reads the admin token (validated to exist and be non-empty by `Config::load`).
+    pub fn admin_token(&self) -> Option<String> {
+        let path = self.admin_token_file.as_ref()?;
+        let t = std::fs::read_to_string(path).ok()?;
+        let t = t.trim();
+        (!t.is_empty()).then(|| t.to_string())
+    }
 }
 
 /// Where delivery status notifications for failed messages go.
@@ -760,6 +789,33 @@ impl Config {
             }
         }
 
+        if let Some(listen) = self.http.listen {
+            let at = |k: &str| vec![key("http"), key(k)];
+            match &self.http.admin_token_file {
+                Some(f) => {
+                    check_private_file(f).map_err(|e| here.err(&at("admin_token_file"), e))?;
+                    if self.http.admin_token().is_none_or(|t| t.len() < 16) {
+                        return Err(here.err(
+                            &at("admin_token_file"),
+                            "the token must be at least 16 characters; create one with: head -c 32 /dev/urandom | base64 > FILE",
+                        ));
+                    }
+                }
+                None if !listen.ip().is_loopback() => {
+                    return Err(here.err(
+                        &at("listen"),
+                        format!("{listen} is reachable from the network, so [http] admin_token_file is required"),
+                    ));
+                }
+                None => {}
+            }
+            if let Some(t) = &self.http.tls
+                && let Err(e) = crate::tls::server_config_from_files(&t.cert, &t.key)
+            {
+                return Err(here.err(&[key("http"), key("tls"), key("cert")], e.to_string()));
+            }
+        }
+
         let mut users = HashSet::new();
         for (i, u) in self.users.iter().enumerate() {
             let at = |k: &str| vec![key("user"), Seg::Index(i), key(k)];
@@ -862,6 +918,27 @@ impl Config {
             humantime::format_duration(self.queue.retry_initial),
             humantime::format_duration(self.queue.retry_max)
         );
+        match self.http.listen {
+            Some(l) => {
+                let _ = writeln!(
+                    s,
+                    "http: {}://{l} admin token {}",
+                    if self.http.tls.is_some() {
+                        "https"
+                    } else {
+                        "http"
+                    },
+                    if self.http.admin_token_file.is_some() {
+                        "<redacted>"
+                    } else {
+                        "not set (read-only on loopback)"
+                    }
+                );
+            }
+            None => {
+                let _ = writeln!(s, "http: off");
+            }
+        }
         for (i, a) in self.accounts.iter().enumerate() {
             let default = if i == 0 { " (default)" } else { "" };
             match a.kind {

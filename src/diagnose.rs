@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::config::{AccountConfig, AccountKind, Config};
 use crate::oauth::TokenManager;
 use crate::oauth::assertion::decode_claims;
-use crate::spool::{Client, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION};
+use crate::spool::{Client, Meta, Spool};
 use crate::upstream::exchange::Exchange;
 
 /// A report printed line by line; `ok` is false once anything failed.
@@ -283,31 +283,13 @@ async fn send_test_in(
         acct = acct.name
     );
     w.write(msg.as_bytes()).await.map_err(|e| e.to_string())?;
-    let meta = Meta {
-        version: FORMAT_VERSION,
-        id: String::new(),
-        received_at: now,
-        account: acct.name.clone(),
-        mail_from: from.clone(),
-        recipients: vec![Recipient {
-            address: to.to_string(),
-            status: RecipientStatus::Pending,
-            attempts: 0,
-            last_reply: None,
-        }],
-        client: Client {
-            ip: std::net::IpAddr::from([127, 0, 0, 1]),
-            helo: cfg.hostname.clone(),
-            login: None,
-            tls: false,
-        },
-        size: 0,
-        eight_bit: false,
-        smtputf8: false,
-        attempts: 0,
-        next_attempt_at: None,
-        requeued_at: None,
+    let client = Client {
+        ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        helo: cfg.hostname.clone(),
+        login: None,
+        tls: false,
     };
+    let meta = Meta::new(&acct.name, &from, &[to.to_string()], client);
     w.commit(&spool, meta).await.map_err(|e| e.to_string())?;
     r.pass("spool", format!("test message queued as {id}"));
 

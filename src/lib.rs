@@ -5,6 +5,7 @@ pub mod advice;
 pub mod config;
 pub mod diagnose;
 pub mod forward;
+pub mod http;
 pub mod metrics;
 pub mod oauth;
 pub mod smtp;
@@ -40,9 +41,15 @@ pub enum RunError {
     ListenerCount(usize, usize),
 }
 
+/// The relay's bound sockets: one per `[[listener]]` (same order) and the HTTP side's.
+pub struct Listeners {
+    pub smtp: Vec<TcpListener>,
+    pub http: Option<TcpListener>,
+}
+
 /// Binds every configured listener (separate from [`run`] so tests can bind port 0).
-pub async fn bind_listeners(config: &Config) -> Result<Vec<TcpListener>, RunError> {
-    let mut out = Vec::new();
+pub async fn bind_listeners(config: &Config) -> Result<Listeners, RunError> {
+    let mut smtp = Vec::new();
     for l in &config.listeners {
         let socket = TcpListener::bind(l.address)
             .await
@@ -50,9 +57,17 @@ pub async fn bind_listeners(config: &Config) -> Result<Vec<TcpListener>, RunErro
                 address: l.address,
                 source,
             })?;
-        out.push(socket);
+        smtp.push(socket);
     }
-    Ok(out)
+    let http = match config.http.listen {
+        Some(address) => Some(
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| RunError::Bind { address, source })?,
+        ),
+        None => None,
+    };
+    Ok(Listeners { smtp, http })
 }
 
 /// Runs the relay on already-bound `listeners` (one per `config.listeners`, same order) until
@@ -60,10 +75,14 @@ pub async fn bind_listeners(config: &Config) -> Result<Vec<TcpListener>, RunErro
 /// `relay.shutdown_grace` and returns. Queued mail stays in the spool.
 pub async fn run(
     config: Arc<Config>,
-    listeners: Vec<TcpListener>,
+    listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     tls::install_provider();
+    let Listeners {
+        smtp: listeners,
+        http: http_listener,
+    } = listeners;
     if listeners.len() != config.listeners.len() {
         return Err(RunError::ListenerCount(
             listeners.len(),
@@ -110,8 +129,27 @@ pub async fn run(
             sessions.clone(),
         ));
     }
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http_task = http_listener.map(|l| {
+        let state = Arc::new(http::AppState::new(
+            config.clone(),
+            spool.clone(),
+            metrics.clone(),
+            forwarder.status(),
+            forwarder.control(),
+            ready.clone(),
+        ));
+        info!(address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP side listening");
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(l, state, token).await {
+                tracing::error!(error = %e, "HTTP side stopped");
+            }
+        })
+    });
     let forwarder_task =
         tokio::spawn(forwarder.run(recovered.messages, shutdown.clone(), deliveries.clone()));
+    ready.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
     shutdown.cancelled().await;
@@ -123,6 +161,9 @@ pub async fn run(
     sessions.close();
     deliveries.close();
     let _ = forwarder_task.await;
+    if let Some(t) = http_task {
+        let _ = t.await;
+    }
     let limit = config.relay.shutdown_grace + Duration::from_secs(5);
     if tokio::time::timeout(limit, async {
         sessions.wait().await;

@@ -28,7 +28,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{AccountKind, Config, DsnTo};
 use crate::metrics::{FailedLabels, Metrics};
-use crate::spool::{Area, Client, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION};
+use crate::spool::{Area, Client, Meta, RecipientStatus, Spool};
 use crate::upstream::capture::Capture;
 use crate::upstream::exchange::Exchange;
 use crate::upstream::{AccountSignal, Job, Outcome, Upstream};
@@ -819,34 +819,14 @@ async fn send_dsn(spool: &Arc<Spool>, config: &Config, meta: &Meta) {
     let result = async {
         let mut w = spool.create().await?;
         w.write(&report).await?;
-        let dsn_meta = Meta {
-            version: FORMAT_VERSION,
-            id: String::new(),
-            received_at: Utc::now(),
-            account: meta.account.clone(),
-            mail_from: String::new(),
-            recipients: to
-                .iter()
-                .map(|a| Recipient {
-                    address: a.clone(),
-                    status: RecipientStatus::Pending,
-                    attempts: 0,
-                    last_reply: None,
-                })
-                .collect(),
-            client: Client {
-                ip: std::net::IpAddr::from([127, 0, 0, 1]),
-                helo: config.hostname.clone(),
-                login: None,
-                tls: false,
-            },
-            size: 0,
-            eight_bit: true,
-            smtputf8: false,
-            attempts: 0,
-            next_attempt_at: None,
-            requeued_at: None,
+        let client = Client {
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            helo: config.hostname.clone(),
+            login: None,
+            tls: false,
         };
+        let mut dsn_meta = Meta::new(&meta.account, "", &to, client);
+        dsn_meta.eight_bit = true;
         w.commit(spool, dsn_meta).await
     }
     .await;

@@ -21,9 +21,7 @@ use super::auth::{AuthGuard, Users};
 use super::reply;
 use super::session::{AuthOutcome, Envelope, Session, SessionParams, Step};
 use crate::config::{Config, ListenerConfig, TlsMode};
-use crate::spool::{
-    Client, MessageWriter, Meta, Recipient, RecipientStatus, Spool, meta::FORMAT_VERSION,
-};
+use crate::spool::{Client, MessageWriter, Meta, Spool};
 
 const READ_BUFFER: usize = 64 * 1024;
 
@@ -430,33 +428,15 @@ async fn connection(
 }
 
 fn build_meta(config: &Config, ip: IpAddr, env: &Envelope) -> Meta {
-    Meta {
-        version: FORMAT_VERSION,
-        id: String::new(),
-        received_at: chrono::Utc::now(),
-        account: config.account_for(env.login.as_deref()).name.clone(),
-        mail_from: env.mail_from.clone(),
-        recipients: env
-            .recipients
-            .iter()
-            .map(|r| Recipient {
-                address: r.clone(),
-                status: RecipientStatus::Pending,
-                attempts: 0,
-                last_reply: None,
-            })
-            .collect(),
-        client: Client {
-            ip,
-            helo: env.helo.clone(),
-            login: env.login.clone(),
-            tls: env.tls,
-        },
-        size: 0,
-        eight_bit: env.eight_bit,
-        smtputf8: env.smtputf8,
-        attempts: 0,
-        next_attempt_at: None,
-        requeued_at: None,
-    }
+    let account = &config.account_for(env.login.as_deref()).name;
+    let client = Client {
+        ip,
+        helo: env.helo.clone(),
+        login: env.login.clone(),
+        tls: env.tls,
+    };
+    let mut meta = Meta::new(account, &env.mail_from, &env.recipients, client);
+    meta.eight_bit = env.eight_bit;
+    meta.smtputf8 = env.smtputf8;
+    meta
 }

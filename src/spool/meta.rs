@@ -69,6 +69,34 @@ pub struct Client {
 }
 
 impl Meta {
+    /// A new message's meta: every recipient pending, no attempt yet. `id` and `size` are
+    /// filled in when the spool commits it.
+    pub fn new(account: &str, mail_from: &str, recipients: &[String], client: Client) -> Meta {
+        Meta {
+            version: FORMAT_VERSION,
+            id: String::new(),
+            received_at: Utc::now(),
+            account: account.to_string(),
+            mail_from: mail_from.to_string(),
+            recipients: recipients
+                .iter()
+                .map(|a| Recipient {
+                    address: a.clone(),
+                    status: RecipientStatus::Pending,
+                    attempts: 0,
+                    last_reply: None,
+                })
+                .collect(),
+            client,
+            size: 0,
+            eight_bit: false,
+            smtputf8: false,
+            attempts: 0,
+            next_attempt_at: None,
+            requeued_at: None,
+        }
+    }
+
     pub fn pending(&self) -> impl Iterator<Item = &Recipient> {
         self.recipients
             .iter()

@@ -66,7 +66,9 @@ pub struct Recovered {
 }
 
 /// A spool folder a committed message can be in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Area {
     Queue,
@@ -265,6 +267,14 @@ impl Spool {
             self.count.fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
+    }
+
+    /// Proves the spool can take a file right now (for readiness checks).
+    pub fn check_writable(&self) -> Result<(), String> {
+        let probe = self.tmp.join(format!("ready-{}", fastrand::u64(..)));
+        let r = std::fs::write(&probe, b"ok").map_err(|e| e.to_string());
+        let _ = std::fs::remove_file(&probe);
+        r
     }
 
     /// Removes deleted messages older than `keep` (by queue ID time). Returns how many.

@@ -108,6 +108,8 @@ pub fn tls_connector(cert_pem: &str) -> tokio_rustls::TlsConnector {
 pub struct TestRelay {
     pub dir: tempfile::TempDir,
     pub addrs: Vec<SocketAddr>,
+    /// The HTTP side's address, when `[http] listen` is set.
+    pub http: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub task: Option<tokio::task::JoinHandle<Result<(), exorelay::RunError>>>,
     pub config: Arc<Config>,
@@ -139,12 +141,18 @@ impl TestRelay {
         let config =
             Arc::new(Config::load(&path).unwrap_or_else(|e| panic!("test config invalid: {e}")));
         let listeners = exorelay::bind_listeners(&config).await.unwrap();
-        let addrs = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let addrs = listeners
+            .smtp
+            .iter()
+            .map(|l| l.local_addr().unwrap())
+            .collect();
+        let http = listeners.http.as_ref().map(|l| l.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(exorelay::run(config.clone(), listeners, shutdown.clone()));
         TestRelay {
             dir,
             addrs,
+            http,
             shutdown,
             task: Some(task),
             config,

@@ -1,0 +1,445 @@
+//! The status page: one server-rendered page an administrator can leave open. No script, no
+//! external assets (the relay runs on networks without internet); everything that came from a
+//! message or a device is HTML-escaped.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+
+use super::api::{Filter, account_command, account_views, list, queue_command};
+use super::{Access, AppState, Credential, SESSION_COOKIE, authorize, check_csrf};
+use crate::spool::Area;
+
+const PAGE_SIZE: usize = 50;
+
+/// HTML-escapes text for element content and attribute values.
+pub fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() && c != '\n' => out.push('\u{fffd}'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn ago(t: chrono::DateTime<chrono::Utc>) -> String {
+    let secs = (chrono::Utc::now() - t).num_seconds().max(0) as u64;
+    let d = std::time::Duration::from_secs(secs);
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86399 => format!("{}h {}m ago", secs / 3600, (secs % 3600) / 60),
+        _ => format!(
+            "{} ago",
+            humantime::format_duration(std::time::Duration::from_secs(d.as_secs() / 3600 * 3600))
+        ),
+    }
+}
+
+const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}\
+table{border-collapse:collapse;width:100%}th,td{border-bottom:1px solid #ddd;padding:4px 6px;text-align:left;vertical-align:top}\
+th{background:#f4f4f4}.ok{color:#176b1d;font-weight:600}.bad{color:#b00020;font-weight:600}.warn{color:#9a5b00;font-weight:600}\
+.fix{background:#fff7e0;padding:4px;border-left:3px solid #e0a800;font-family:monospace;white-space:pre-wrap}\
+form.inline{display:inline}button{margin:0 2px}.muted{color:#777}.msg{background:#e8f4ff;padding:6px;border-left:3px solid #2a7de1}\
+code{font-size:12px}nav a{margin-right:1em}";
+
+fn button(
+    state: &AppState,
+    can_write: bool,
+    kind: &str,
+    name: &str,
+    action: &str,
+    label: &str,
+) -> String {
+    if !can_write {
+        return String::new();
+    }
+    format!(
+        "<form class=\"inline\" method=\"post\" action=\"/ui/{kind}/{}/{action}\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\" name=\"do\" value=\"{action}\" data-action=\"{action}\">{label}</button></form>",
+        esc(name),
+        state.csrf()
+    )
+}
+
+pub async fn status_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let cred = match authorize(&state, &headers, Access::Read) {
+        Ok(c) => c,
+        Err(_) => return Redirect::to("/login").into_response(),
+    };
+    let can_write = state.has_token() && cred != Credential::Anonymous;
+    let page: usize = q
+        .get("page")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let view = q.get("state").cloned().unwrap_or_else(|| "active".into());
+    let filter = Filter {
+        state: match view.as_str() {
+            "held" | "failed" | "deleted" | "all" => Some(view.clone()),
+            _ => None,
+        },
+        account: None,
+        older_than: None,
+        offset: (page - 1) * PAGE_SIZE,
+        limit: PAGE_SIZE,
+    };
+    let spool = state.spool.clone();
+    let f = filter.clone();
+    let (counts, (total, messages)) = tokio::task::spawn_blocking(move || {
+        let counts: Vec<(Area, Vec<String>)> = [Area::Queue, Area::Hold, Area::Failed]
+            .into_iter()
+            .map(|a| (a, spool.ids(a).unwrap_or_default()))
+            .collect();
+        (counts, list(&spool, &f))
+    })
+    .await
+    .unwrap_or_default();
+
+    let mut h = String::with_capacity(32 * 1024);
+    let host = esc(&state.config.hostname);
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"30\"><title>exorelay on {host}</title><style>{STYLE}</style></head><body>"
+    );
+    let _ = write!(h, "<h1>exorelay on {host}</h1><nav>");
+    if can_write {
+        let _ = write!(
+            h,
+            "<form class=\"inline\" method=\"post\" action=\"/logout\"><button>Log out</button></form>"
+        );
+    } else if state.has_token() {
+        let _ = write!(h, "<a href=\"/login\">Log in to retry, hold or delete</a>");
+    } else {
+        let _ = write!(
+            h,
+            "<span class=\"muted\">Read-only: set [http] admin_token_file to enable actions</span>"
+        );
+    }
+    let _ = write!(
+        h,
+        " <a href=\"/metrics\">metrics</a> <a href=\"/readyz\">readiness</a></nav>"
+    );
+    if let Some(msg) = q.get("msg") {
+        let _ = write!(h, "<p class=\"msg\" id=\"flash\">{}</p>", esc(msg));
+    }
+
+    // Summary.
+    let count = |a: Area| {
+        counts
+            .iter()
+            .find(|(x, _)| *x == a)
+            .map(|(_, v)| v.len())
+            .unwrap_or(0)
+    };
+    let oldest = counts
+        .iter()
+        .find(|(a, _)| *a == Area::Queue)
+        .and_then(|(_, ids)| ids.first())
+        .and_then(|id| crate::spool::id_time(id))
+        .map(ago)
+        .unwrap_or_else(|| "-".into());
+    let _ = write!(
+        h,
+        "<p id=\"summary\"><b>{}</b> queued (oldest received {}), <b>{}</b> on hold, <b>{}</b> failed.</p>",
+        count(Area::Queue),
+        esc(&oldest),
+        count(Area::Hold),
+        count(Area::Failed)
+    );
+
+    // Accounts.
+    let _ = write!(
+        h,
+        "<h2>Accounts</h2><table id=\"accounts\"><tr><th>Account</th><th>State</th><th>Last delivery</th><th>Last problem and fix</th><th>Token expires</th><th></th></tr>"
+    );
+    for a in account_views(&state) {
+        let name = a["name"].as_str().unwrap_or("").to_string();
+        let st = a["state"].as_str().unwrap_or("active");
+        let class = match st {
+            "active" => "ok",
+            "paused" => "bad",
+            _ => "warn",
+        };
+        let mut problem = String::new();
+        if let Some(adv) = a.get("advice") {
+            let _ = write!(
+                problem,
+                "{}<div class=\"fix\">{}</div>",
+                esc(adv["cause"].as_str().unwrap_or("")),
+                esc(adv["fix"].as_str().unwrap_or(""))
+            );
+        } else if let Some(r) = a["reason"].as_str() {
+            problem = esc(r);
+        } else if let Some(e) = a["last_error"].as_str() {
+            let _ = write!(problem, "<span class=\"muted\">{}</span>", esc(e));
+        }
+        let last = a["last_success"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .map(ago)
+            .unwrap_or_else(|| "-".into());
+        let expiry = a["token_expires_at"]
+            .as_str()
+            .map(esc)
+            .unwrap_or_else(|| "-".into());
+        let action = if st == "paused" {
+            button(&state, can_write, "accounts", &name, "resume", "Resume")
+        } else {
+            button(&state, can_write, "accounts", &name, "pause", "Pause")
+        };
+        let _ = write!(
+            h,
+            "<tr data-account=\"{n}\"><td><b>{n}</b> <span class=\"muted\">{kind} {mbox}</span></td><td class=\"{class}\">{st}</td><td>{last}</td><td>{problem}</td><td>{expiry}</td><td>{action}</td></tr>",
+            n = esc(&name),
+            kind = esc(a["kind"].as_str().unwrap_or("")),
+            mbox = esc(a["mailbox"].as_str().unwrap_or("")),
+            st = esc(st),
+        );
+    }
+    let _ = write!(h, "</table>");
+
+    // Queue.
+    let _ = write!(h, "<h2>Messages</h2><p>");
+    for (v, label) in [
+        ("active", "queued, held and failed"),
+        ("held", "held"),
+        ("failed", "failed"),
+        ("deleted", "deleted"),
+    ] {
+        if v == view {
+            let _ = write!(h, "<b>{label}</b> ");
+        } else {
+            let _ = write!(h, "<a href=\"/?state={v}\">{label}</a> ");
+        }
+    }
+    let pages = total.div_ceil(PAGE_SIZE).max(1);
+    let _ = write!(
+        h,
+        "</p><table id=\"queue\"><tr><th>Queue ID</th><th>State</th><th>Received</th><th>From</th><th>To</th><th>Subject</th><th>Attempts</th><th>Last reply</th><th></th></tr>"
+    );
+    for m in &messages {
+        let mut actions = String::new();
+        match m.state {
+            "held" => actions.push_str(&button(
+                &state, can_write, "queue", &m.id, "release", "Release",
+            )),
+            "failed" | "deleted" => {
+                actions.push_str(&button(&state, can_write, "queue", &m.id, "retry", "Retry"))
+            }
+            _ => {
+                actions.push_str(&button(&state, can_write, "queue", &m.id, "retry", "Retry"));
+                actions.push_str(&button(&state, can_write, "queue", &m.id, "hold", "Hold"));
+            }
+        }
+        if m.state != "deleted" {
+            actions.push_str(&button(
+                &state, can_write, "queue", &m.id, "delete", "Delete",
+            ));
+        }
+        let to = if m.recipients.len() > 3 {
+            format!(
+                "{} and {} more",
+                m.recipients[..3].join(", "),
+                m.recipients.len() - 3
+            )
+        } else {
+            m.recipients.join(", ")
+        };
+        let _ = write!(
+            h,
+            "<tr data-id=\"{id}\"><td><code>{id}</code></td><td>{st}</td><td>{rcv}</td><td>{from}</td><td>{to}</td><td class=\"subject\">{subj}</td><td>{att}</td><td>{last}</td><td>{actions}</td></tr>",
+            id = esc(&m.id),
+            st = esc(m.state),
+            rcv = esc(&ago(m.received_at)),
+            from = esc(if m.mail_from.is_empty() {
+                "<>"
+            } else {
+                &m.mail_from
+            }),
+            to = esc(&to),
+            subj = esc(m.subject.as_deref().unwrap_or("")),
+            att = m.attempts,
+            last = esc(m.last_reply.as_deref().unwrap_or("")),
+        );
+    }
+    if messages.is_empty() {
+        let _ = write!(
+            h,
+            "<tr><td colspan=\"9\" class=\"muted\">No messages.</td></tr>"
+        );
+    }
+    let _ = write!(
+        h,
+        "</table><p id=\"pages\">Page {page} of {pages} ({total} messages) "
+    );
+    if page > 1 {
+        let _ = write!(
+            h,
+            "<a href=\"/?state={}&amp;page={}\">previous</a> ",
+            esc(&view),
+            page - 1
+        );
+    }
+    if page < pages {
+        let _ = write!(
+            h,
+            "<a href=\"/?state={}&amp;page={}\">next</a>",
+            esc(&view),
+            page + 1
+        );
+    }
+    let _ = write!(h, "</p>");
+
+    // Recent activity.
+    let _ = write!(
+        h,
+        "<h2>Recent activity</h2><table id=\"events\"><tr><th>When</th><th>What</th><th>Queue ID</th><th>Account</th><th>Detail</th></tr>"
+    );
+    for e in state.status.recent_events().iter().take(30) {
+        let class = match e.kind {
+            "delivered" | "resumed" => "ok",
+            "failed" | "paused" => "bad",
+            _ => "warn",
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{}</td><td class=\"{class}\">{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+            esc(&ago(e.time)),
+            esc(e.kind),
+            esc(&e.queue_id),
+            esc(&e.account),
+            esc(&e.detail)
+        );
+    }
+    let _ = write!(h, "</table></body></html>");
+    Html(h).into_response()
+}
+
+pub async fn login_form(State(state): State<Arc<AppState>>) -> Response {
+    let note = if state.has_token() {
+        ""
+    } else {
+        "<p class=\"bad\">No admin token is configured ([http] admin_token_file).</p>"
+    };
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>exorelay login</title><style>{STYLE}</style></head><body><h1>exorelay on {}</h1>{note}<form method=\"post\" action=\"/login\"><label>Admin token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"current-password\" size=\"50\"></label> <button type=\"submit\" id=\"login\">Log in</button></form></body></html>",
+        esc(&state.config.hostname)
+    ))
+    .into_response()
+}
+
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::Form(form): axum::Form<HashMap<String, String>>,
+) -> Response {
+    let given = form
+        .get("token")
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default();
+    let mut probe = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {given}")) {
+        probe.insert(header::AUTHORIZATION, v);
+    }
+    if let Some(o) = headers.get(header::ORIGIN) {
+        probe.insert(header::ORIGIN, o.clone());
+    }
+    if !state.has_token() || authorize(&state, &probe, Access::Write).is_err() || given.is_empty() {
+        tracing::warn!("status page login failed");
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html("<!doctype html><p>Wrong admin token. <a href=\"/login\">Try again</a></p>"),
+        )
+            .into_response();
+    }
+    let secure = if state.config.http.tls.is_some() {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!("{SESSION_COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/{secure}");
+    let mut r = Redirect::to("/").into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+pub async fn logout() -> Response {
+    let mut r = Redirect::to("/").into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_static("exorelay_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"),
+    );
+    r
+}
+
+/// The page's buttons: cookie + CSRF token, then the same command the API would send.
+pub async fn ui_action(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((kind, name, action)): Path<(String, String, String)>,
+    axum::Form(form): axum::Form<HashMap<String, String>>,
+) -> Response {
+    let cred = match authorize(&state, &headers, Access::Write) {
+        Ok(c) => c,
+        Err(r) => return r.into_response(),
+    };
+    if cred == Credential::Cookie
+        && let Err(r) = check_csrf(&state, &headers, form.get("csrf").map(String::as_str))
+    {
+        return r.into_response();
+    }
+    let cmd = match kind.as_str() {
+        "queue" if crate::spool::is_queue_id(&name) => queue_command(&action, name),
+        "accounts" => account_command(&action, name),
+        _ => None,
+    };
+    let Some(cmd) = cmd else {
+        return super::error(StatusCode::NOT_FOUND, "unknown action");
+    };
+    let msg = match state.control.send(cmd).await {
+        Ok(m) => m,
+        Err(e) => format!("not done: {e}"),
+    };
+    let encoded: String = msg
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    Redirect::to(&format!("/?msg={encoded}")).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            esc("<script>alert(1)</script>"),
+            "&lt;script&gt;alert(1)&lt;/script&gt;"
+        );
+        assert_eq!(esc("a\"b'c&"), "a&quot;b&#39;c&amp;");
+    }
+}
