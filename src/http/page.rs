@@ -326,6 +326,12 @@ pub async fn status_page(
             esc(&e.detail)
         );
     }
+    if state.status.recent_events().is_empty() {
+        let _ = write!(
+            h,
+            "<tr><td colspan=\"5\" class=\"muted\">Nothing yet since the relay started.</td></tr>"
+        );
+    }
     let _ = write!(h, "</table></body></html>");
     Html(h).into_response()
 }

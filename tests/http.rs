@@ -1,0 +1,859 @@
+//! The HTTP side: every endpoint with its error cases, metrics across a scripted run, the status
+//! page (escaping, CSRF, buttons) and HTTP submission.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+struct Http {
+    relay: TestRelay,
+    base: String,
+    client: reqwest::Client,
+    _token_dir: tempfile::TempDir,
+}
+
+impl Http {
+    async fn start(extra_relay: &str, queue_extra: &str) -> Http {
+        init_logs();
+        let token_dir = tempfile::tempdir().unwrap();
+        let token_file = token_dir.path().join("admin.token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = basic_config(extra_relay).replace("[queue]", &format!("[queue]\n{queue_extra}"))
+            + &format!(
+                "\n[http]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = \"{}\"\n",
+                token_file.display()
+            );
+        let relay = TestRelay::start(&cfg).await;
+        let base = format!("http://{}", relay.http.expect("http side bound"));
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        // Wait until the HTTP side answers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.get(format!("{base}/healthz")).send().await.is_err() {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Http {
+            relay,
+            base,
+            client,
+            _token_dir: token_dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn get_json(&self, path: &str) -> serde_json::Value {
+        let r = self.client.get(self.url(path)).send().await.unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let mut req = self.client.post(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn metric(&self, name_and_labels: &str) -> f64 {
+        let text = self
+            .client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name_and_labels)
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+async fn submit_smtp(relay: &TestRelay, subject: &str) -> String {
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO t", "250").await;
+    let id = c
+        .send_mail(
+            "scan@printer.local",
+            &["boss@example.com"],
+            format!("Subject: {subject}\r\n\r\nbody\r\n").as_bytes(),
+        )
+        .await;
+    c.cmd("QUIT", "221").await;
+    id
+}
+
+async fn wait_for(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_metrics_and_auth_errors() {
+    let h = Http::start("", "").await;
+    let r = h.client.get(h.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let ready = h.get_json("/readyz").await;
+    assert_eq!(ready["ready"], true, "{ready}");
+    let r = h.client.get(h.url("/metrics")).send().await.unwrap();
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = r.text().await.unwrap();
+    for name in [
+        "exorelay_queue_messages",
+        "exorelay_smtp_sessions_total",
+        "exorelay_account_paused{account=\"local\"}",
+        "# EOF",
+    ] {
+        assert!(text.contains(name), "{name} missing from:\n{text}");
+    }
+    // Reads are open on loopback; writes need the token.
+    let list = h.get_json("/api/v1/queue").await;
+    assert_eq!(list["total"], 0);
+    let r = h.post("/api/v1/queue/0000000000000000A/retry", None).await;
+    assert_eq!(r.status(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+    let r = h
+        .post(
+            "/api/v1/queue/0000000000000000A/retry",
+            Some("wrong-token-wrong-token"),
+        )
+        .await;
+    assert_eq!(r.status(), 401);
+    let r = h
+        .post("/api/v1/queue/0000000000000000A/retry", Some(TOKEN))
+        .await;
+    assert_eq!(r.status(), 404, "unknown queue ID");
+    let r = h
+        .post("/api/v1/queue/..%2F..%2Fetc/retry", Some(TOKEN))
+        .await;
+    assert_eq!(r.status(), 404);
+    let r = h
+        .client
+        .get(h.url("/api/v1/queue/0000000000000000A"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = h
+        .client
+        .get(h.url("/api/v1/queue?state=bogus"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = h.post("/api/v1/accounts/nope/pause", Some(TOKEN)).await;
+    assert_eq!(r.status(), 404);
+    assert_logs_clean(&[TOKEN]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_api_hold_release_delete_retry() {
+    let h = Http::start("", "").await;
+    let capture = h.relay.path("capture");
+    wait_exists(&capture).await;
+    std::fs::remove_dir_all(&capture).unwrap();
+    std::fs::write(&capture, b"broken").unwrap();
+    let id = submit_smtp(&h.relay, "queued one").await;
+    wait_for("a failed attempt", async || {
+        h.get_json(&format!("/api/v1/queue/{id}")).await["attempts"] == 1
+    })
+    .await;
+
+    let list = h.get_json("/api/v1/queue?state=deferred").await;
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["messages"][0]["id"], id);
+    assert_eq!(list["messages"][0]["subject"], "queued one");
+    let show = h.get_json(&format!("/api/v1/queue/{id}")).await;
+    assert_eq!(show["recipients"][0]["status"], "pending");
+    assert!(
+        show["recipients"][0]["last_reply"]
+            .as_str()
+            .unwrap()
+            .contains("capture folder"),
+        "{show}"
+    );
+    assert!(
+        show.get("body").is_none(),
+        "the body is only shown on request"
+    );
+    let with_body = h.get_json(&format!("/api/v1/queue/{id}?body=true")).await;
+    assert!(
+        with_body["body"]
+            .as_str()
+            .unwrap()
+            .contains("Subject: queued one")
+    );
+    assert_eq!(h.get_json("/api/v1/queue?account=other").await["total"], 0);
+    assert_eq!(h.get_json("/api/v1/queue?older_than=1h").await["total"], 0);
+
+    assert_eq!(
+        h.post(&format!("/api/v1/queue/{id}/hold"), Some(TOKEN))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(h.get_json("/api/v1/queue?state=held").await["total"], 1);
+    assert_eq!(
+        h.post(&format!("/api/v1/queue/{id}/retry"), Some(TOKEN))
+            .await
+            .status(),
+        409,
+        "held messages must be released"
+    );
+    assert_eq!(
+        h.post(&format!("/api/v1/queue/{id}/release"), Some(TOKEN))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.post(&format!("/api/v1/queue/{id}/bogus"), Some(TOKEN))
+            .await
+            .status(),
+        404
+    );
+    // Delete (retrying while a delivery runs may answer 409: try again).
+    wait_for("delete", async || {
+        let r = h
+            .client
+            .delete(h.url(&format!("/api/v1/queue/{id}")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        r.status() == 200
+    })
+    .await;
+    assert_eq!(
+        h.get_json(&format!("/api/v1/queue/{id}")).await["state"],
+        "deleted"
+    );
+    assert!(
+        h.relay
+            .path("spool/deleted")
+            .join(format!("{id}.eml"))
+            .exists()
+    );
+    // A slip is recoverable: retry brings it back, and it is delivered once the folder works.
+    std::fs::remove_file(&capture).unwrap();
+    std::fs::create_dir(&capture).unwrap();
+    assert_eq!(
+        h.post(&format!("/api/v1/queue/{id}/retry"), Some(TOKEN))
+            .await
+            .status(),
+        200
+    );
+    let got = wait_captured(&capture, 1).await;
+    assert_eq!(got[0].0, id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accounts_api_pause_resume_and_readiness() {
+    let h = Http::start("", "").await;
+    let acc = h.get_json("/api/v1/accounts").await;
+    assert_eq!(acc["accounts"][0]["name"], "local");
+    assert_eq!(acc["accounts"][0]["state"], "active");
+    assert_eq!(
+        h.post("/api/v1/accounts/local/pause", None).await.status(),
+        401
+    );
+    assert_eq!(
+        h.post("/api/v1/accounts/local/pause", Some(TOKEN))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.get_json("/api/v1/accounts").await["accounts"][0]["state"],
+        "paused"
+    );
+    assert_eq!(
+        h.metric("exorelay_account_paused{account=\"local\"}").await,
+        1.0
+    );
+    let r = h.client.get(h.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["reasons"][0].as_str().unwrap().contains("paused"),
+        "{body}"
+    );
+    // Mail waits while paused...
+    let id = submit_smtp(&h.relay, "waits").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        h.relay
+            .path("spool/queue")
+            .join(format!("{id}.json"))
+            .exists()
+    );
+    // ...and goes once resumed.
+    assert_eq!(
+        h.post("/api/v1/accounts/local/resume", Some(TOKEN))
+            .await
+            .status(),
+        200
+    );
+    wait_captured(&h.relay.path("capture"), 1).await;
+    assert_eq!(
+        h.client
+            .get(h.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_submission_goes_through_the_spool_like_smtp() {
+    let h = Http::start("max_message_size = \"64KB\"", "").await;
+    let raw = "From: monitor@nagios.lan\nTo: ops@example.com\nSubject: disk full on srv1\n\nDisk / is 97% full.\n";
+    let url =
+        h.url("/api/v1/messages?from=monitor@nagios.lan&to=ops@example.com&to=oncall@example.com");
+    let r = h
+        .client
+        .post(&url)
+        .header("content-type", "message/rfc822")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "refused without the token");
+    let r = h
+        .client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("content-type", "message/rfc822")
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().await.unwrap()["queue_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let json = serde_json::json!({"from": "Monitor <monitor@nagios.lan>", "to": ["ops@example.com"], "subject": "Grüße from JSON", "text": "hello\nworld"});
+    let r = h
+        .client
+        .post(h.url("/api/v1/messages"))
+        .bearer_auth(TOKEN)
+        .json(&json)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let got = wait_captured(&h.relay.path("capture"), 2).await;
+    let raw_one = got.iter().find(|(i, _)| *i == id).unwrap();
+    assert_eq!(
+        strip_received(&raw_one.1),
+        raw.replace('\n', "\r\n").as_bytes(),
+        "bare LF normalised, nothing else changed"
+    );
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(h.relay.path("capture").join(format!("{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        meta["recipients"],
+        serde_json::json!(["ops@example.com", "oncall@example.com"])
+    );
+    let other = got.iter().find(|(i, _)| *i != id).unwrap();
+    let text = String::from_utf8_lossy(&other.1);
+    assert!(
+        text.contains("Subject: =?utf-8?") && text.contains("hello"),
+        "{text}"
+    );
+    // Errors.
+    let r = h
+        .client
+        .post(h.url("/api/v1/messages?to=a@b"))
+        .bearer_auth(TOKEN)
+        .body(raw)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "no envelope sender");
+    let big = "x".repeat(100_000);
+    let r = h
+        .client
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let r = h
+        .client
+        .post(h.url("/api/v1/messages"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "image/png")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_follow_a_scripted_run() {
+    let h = Http::start("", "max_age = \"1s\"").await;
+    for i in 0..5 {
+        submit_smtp(&h.relay, &format!("m{i}")).await;
+    }
+    wait_captured(&h.relay.path("capture"), 5).await;
+    wait_for("5 delivered", async || {
+        h.metric("exorelay_messages_delivered_total{account=\"local\"}")
+            .await
+            == 5.0
+    })
+    .await;
+    assert_eq!(
+        h.metric("exorelay_messages_received_total{account=\"local\"}")
+            .await,
+        5.0
+    );
+    assert!(
+        h.metric("exorelay_delivery_latency_seconds_count{account=\"local\"}")
+            .await
+            == 5.0
+    );
+    // Break delivery: the next message is deferred, then expires (max_age 1s) as class "expired".
+    let capture = h.relay.path("capture");
+    std::fs::rename(&capture, h.relay.path("capture.bak")).unwrap();
+    std::fs::write(&capture, b"broken").unwrap();
+    submit_smtp(&h.relay, "doomed").await;
+    wait_for("expired failure", async || {
+        h.metric("exorelay_messages_failed_total{account=\"local\",class=\"expired\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    assert!(
+        h.metric("exorelay_messages_deferred_total{account=\"local\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(
+        h.metric("exorelay_messages_received_total{account=\"local\"}")
+            .await,
+        7.0,
+        "the DSN counts as received too"
+    );
+    assert!(h.metric("exorelay_smtp_sessions_total").await >= 6.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_page_escapes_and_protects_its_buttons() {
+    let h = Http::start("", "").await;
+    let capture = h.relay.path("capture");
+    wait_exists(&capture).await;
+    std::fs::remove_dir_all(&capture).unwrap();
+    std::fs::write(&capture, b"broken").unwrap();
+    let id = submit_smtp(&h.relay, "<script>alert(1)</script>").await;
+    wait_for("attempt", async || {
+        h.get_json(&format!("/api/v1/queue/{id}")).await["attempts"] == 1
+    })
+    .await;
+    let page = h
+        .client
+        .get(h.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{page}"
+    );
+    assert!(
+        !page.contains("<script>"),
+        "the subject must be shown as text"
+    );
+    assert!(page.contains(&id));
+    assert!(
+        page.contains("Log in to retry"),
+        "anonymous visitors see no buttons"
+    );
+
+    // Log in: the cookie is HttpOnly and SameSite=Strict.
+    let r = h
+        .client
+        .post(h.url("/login"))
+        .form(&[("token", "wrong")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = h
+        .client
+        .post(h.url("/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+    let page = h
+        .client
+        .get(h.url("/"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+
+    let hold = h.url(&format!("/ui/queue/{id}/hold"));
+    let r = h
+        .client
+        .post(&hold)
+        .header("cookie", &session)
+        .form(&[("do", "hold")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "no CSRF token");
+    let r = h
+        .client
+        .post(&hold)
+        .header("cookie", &session)
+        .header("origin", "http://evil.example")
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "cross-site");
+    wait_for("hold via the page", async || {
+        let r = h
+            .client
+            .post(&hold)
+            .header("cookie", &session)
+            .form(&[("csrf", csrf.as_str())])
+            .send()
+            .await
+            .unwrap();
+        r.status() == 303 && r.headers()["location"].to_str().unwrap().contains("hold")
+    })
+    .await;
+    assert_eq!(
+        h.get_json(&format!("/api/v1/queue/{id}")).await["state"],
+        "held"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_page_paginates_a_big_queue() {
+    let h = Http::start("", "").await;
+    h.post("/api/v1/accounts/local/pause", Some(TOKEN)).await;
+    for i in 0..120 {
+        let r = h
+            .client
+            .post(h.url("/api/v1/messages?from=a@b.example&to=c@d.example"))
+            .bearer_auth(TOKEN)
+            .body(format!("Subject: bulk {i}\r\n\r\nx\r\n"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let page = h
+        .client
+        .get(h.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Page 1 of 3 (120 messages)"), "{page}");
+    assert_eq!(page.matches("<tr data-id=").count(), 50);
+    let page3 = h
+        .client
+        .get(h.url("/?page=3"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(page3.matches("<tr data-id=").count(), 20);
+    assert!(page.contains("<b>120</b> queued"));
+}
+
+// ---------- headless Chromium ----------
+
+fn chromium() -> Option<(String, String)> {
+    let find = |names: &[&str]| {
+        names
+            .iter()
+            .find(|n| std::path::Path::new(n).exists())
+            .map(|s| s.to_string())
+    };
+    let browser = find(&["/usr/bin/chromium", "/usr/bin/chromium-browser"]);
+    let driver = find(&["/usr/bin/chromedriver"]);
+    match (browser, driver) {
+        (Some(b), Some(d)) => Some((b, d)),
+        _ => {
+            assert!(
+                std::env::var("EXORELAY_REQUIRE_CLIENTS").is_err(),
+                "chromium and chromium-driver are required (EXORELAY_REQUIRE_CLIENTS is set)"
+            );
+            eprintln!("SKIPPED: headless Chromium test (apt-get install chromium chromium-driver)");
+            None
+        }
+    }
+}
+
+/// A minimal W3C WebDriver client.
+struct Driver {
+    http: reqwest::Client,
+    base: String,
+    session: String,
+    _child: std::process::Child,
+}
+
+impl Driver {
+    async fn start(browser: &str, driver: &str) -> Driver {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new(driver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while http.get(format!("{base}/status")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let profile = tempfile::tempdir().unwrap().keep();
+        let caps = serde_json::json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": browser,
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--window-size=1400,1000", format!("--user-data-dir={}", profile.display())]
+        }}}});
+        let r: serde_json::Value = http
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let session = r["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {r}"))
+            .to_string();
+        Driver {
+            http,
+            base,
+            session,
+            _child: child,
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let req = self.http.request(method.clone(), url);
+        let req = if method == reqwest::Method::GET {
+            req
+        } else {
+            req.json(&body)
+        };
+        let r: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+        if let Some(e) = r["value"].get("error") {
+            panic!("WebDriver {path}: {e}: {}", r["value"]["message"]);
+        }
+        r
+    }
+
+    async fn goto(&self, url: &str) {
+        self.call(
+            reqwest::Method::POST,
+            "/url",
+            serde_json::json!({"url": url}),
+        )
+        .await;
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let r = self
+            .call(
+                reqwest::Method::POST,
+                "/element",
+                serde_json::json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        r["value"]
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("{css} not found: {r}"))
+            .to_string()
+    }
+
+    async fn click(&self, css: &str) {
+        let el = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{el}/click"),
+            serde_json::json!({}),
+        )
+        .await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let el = self.find(css).await;
+        self.call(
+            reqwest::Method::POST,
+            &format!("/element/{el}/value"),
+            serde_json::json!({"text": text}),
+        )
+        .await;
+    }
+
+    /// Waits (up to 15 s) until the page source contains `needle`; returns the source.
+    async fn wait_for_text(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let src = self.source().await;
+            if src.contains(needle) {
+                return src;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "page never showed {needle:?}: {src}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn source(&self) -> String {
+        self.call(reqwest::Method::GET, "/source", serde_json::Value::Null)
+            .await["value"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    async fn screenshot(&self, path: &std::path::Path) {
+        use base64::Engine;
+        let r = self
+            .call(reqwest::Method::GET, "/screenshot", serde_json::Value::Null)
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["value"].as_str().unwrap())
+            .unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, png).unwrap();
+    }
+
+    async fn quit(self) {
+        let _ = self
+            .http
+            .delete(format!("{}/session/{}", self.base, self.session))
+            .send()
+            .await;
+        let mut child = self._child;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_page_in_headless_chromium() {
+    let Some((browser, driver)) = chromium() else {
+        return;
+    };
+    let h = Http::start("", "").await;
+    assert_eq!(
+        h.post("/api/v1/accounts/local/pause", Some(TOKEN))
+            .await
+            .status(),
+        200
+    );
+    let id = submit_smtp(&h.relay, "Scan from 2nd floor").await;
+
+    let d = Driver::start(&browser, &driver).await;
+    d.goto(&h.url("/login")).await;
+    d.type_into("#token", TOKEN).await;
+    d.click("#login").await;
+    let page = d.wait_for_text(&id).await;
+    assert!(page.contains("Scan from 2nd floor"));
+    assert!(
+        page.contains("class=\"bad\">paused"),
+        "paused account shown"
+    );
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    d.screenshot(&shot).await;
+    assert!(std::fs::metadata(&shot).unwrap().len() > 1000);
+    eprintln!("status page screenshot: {}", shot.display());
+
+    d.click(&format!(
+        "tr[data-id=\"{id}\"] button[data-action=\"retry\"]"
+    ))
+    .await;
+    d.wait_for_text("will be tried now").await;
+    d.screenshot(&shot.with_file_name("status-page-after-retry.png"))
+        .await;
+    d.quit().await;
+}
