@@ -1,6 +1,7 @@
 //! exorelay: an SMTP relay that lets devices which only speak plain SMTP send mail through
 //! Exchange Online. Data flows one way: smtp → spool → forward → upstream.
 
+pub mod admin;
 pub mod advice;
 pub mod config;
 pub mod diagnose;

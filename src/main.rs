@@ -52,6 +52,26 @@ enum Command {
         #[arg(long)]
         account: Option<String>,
     },
+    /// Inspect and manage the running relay's queue (through its HTTP API, [http] in the config).
+    Queue {
+        #[arg(long, short, env = "EXORELAY_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: QueueAction,
+    },
+    /// Show each account's state, last success and, when paused, the cause and fix; pause or
+    /// resume an account.
+    Accounts {
+        #[arg(long, short, env = "EXORELAY_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<AccountAction>,
+    },
     /// Send a test message through the spool and an account's upstream, wait for the outcome and
     /// print it. Uses a private spool, so a running relay is not disturbed.
     SendTest {
@@ -67,6 +87,101 @@ enum Command {
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+}
+
+#[derive(Subcommand)]
+enum QueueAction {
+    /// List messages (queued, deferred, held and failed by default).
+    List {
+        #[arg(long)]
+        account: Option<String>,
+        /// queued, deferred, held, failed, deleted or all.
+        #[arg(long)]
+        state: Option<String>,
+        /// Only messages older than this, e.g. "30m" or "2h".
+        #[arg(long)]
+        older_than: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one message: envelope, client, attempts and the last reply per recipient.
+    Show {
+        id: String,
+        /// Include the message itself.
+        #[arg(long)]
+        body: bool,
+    },
+    /// Deliver now (a failed or deleted message goes back to the queue).
+    Retry { id: String },
+    /// Keep a queued message from being delivered until released.
+    Hold { id: String },
+    /// Release a held message.
+    Release { id: String },
+    /// Move a message to deleted/ (kept until pruned; `retry` brings it back).
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum AccountAction {
+    /// List accounts (the default).
+    List,
+    /// Stop delivering through an account; its mail stays queued.
+    Pause { name: String },
+    /// Resume a paused account.
+    Resume { name: String },
+}
+
+fn admin_config(config: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let Some(path) = config else {
+        eprintln!("error: --config is required (or set EXORELAY_CONFIG)");
+        return Err(ExitCode::from(2));
+    };
+    load(&path)
+}
+
+/// Runs one admin API call and prints its result as JSON or text.
+fn admin_call(
+    config: &Config,
+    json: bool,
+    render: fn(&serde_json::Value) -> String,
+    call: impl AsyncFnOnce(&exorelay::admin::AdminClient) -> Result<serde_json::Value, String>,
+) -> ExitCode {
+    let client = match exorelay::admin::AdminClient::from_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match rt.block_on(call(&client)) {
+        Ok(v) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", render(&v));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn queue_op(config: &Config, json: bool, verb: &str, id: &str) -> ExitCode {
+    let path = format!("/api/v1/queue/{}/{verb}", exorelay::admin::q(id));
+    admin_call(config, json, result_line, async move |c| {
+        c.post(&path).await
+    })
+}
+
+fn result_line(v: &serde_json::Value) -> String {
+    format!("{}\n", v["result"].as_str().unwrap_or("done"))
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -124,6 +239,81 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("error: cannot hash the password: {e}");
                     ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Queue {
+            config,
+            json,
+            action,
+        } => {
+            use exorelay::admin::{message_text, q, queue_table};
+            let config = match admin_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match action {
+                QueueAction::List {
+                    account,
+                    state,
+                    older_than,
+                    limit,
+                } => {
+                    let mut path = format!("/api/v1/queue?limit={limit}");
+                    for (k, v) in [
+                        ("account", account),
+                        ("state", state),
+                        ("older_than", older_than),
+                    ] {
+                        if let Some(v) = v {
+                            path.push_str(&format!("&{k}={}", q(&v)));
+                        }
+                    }
+                    admin_call(&config, json, queue_table, async move |c| {
+                        c.get(&path).await
+                    })
+                }
+                QueueAction::Show { id, body } => {
+                    let path = format!(
+                        "/api/v1/queue/{}{}",
+                        q(&id),
+                        if body { "?body=true" } else { "" }
+                    );
+                    admin_call(&config, json, message_text, async move |c| {
+                        c.get(&path).await
+                    })
+                }
+                QueueAction::Retry { id } => queue_op(&config, json, "retry", &id),
+                QueueAction::Hold { id } => queue_op(&config, json, "hold", &id),
+                QueueAction::Release { id } => queue_op(&config, json, "release", &id),
+                QueueAction::Delete { id } => queue_op(&config, json, "delete", &id),
+            }
+        }
+        Command::Accounts {
+            config,
+            json,
+            action,
+        } => {
+            use exorelay::admin::{accounts_table, q};
+            let config = match admin_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match action.unwrap_or(AccountAction::List) {
+                AccountAction::List => admin_call(&config, json, accounts_table, async |c| {
+                    c.get("/api/v1/accounts").await
+                }),
+                AccountAction::Pause { name } => {
+                    let path = format!("/api/v1/accounts/{}/pause", q(&name));
+                    admin_call(&config, json, result_line, async move |c| {
+                        c.post(&path).await
+                    })
+                }
+                AccountAction::Resume { name } => {
+                    let path = format!("/api/v1/accounts/{}/resume", q(&name));
+                    admin_call(&config, json, result_line, async move |c| {
+                        c.post(&path).await
+                    })
                 }
             }
         }

@@ -857,3 +857,92 @@ async fn status_page_in_headless_chromium() {
         .await;
     d.quit().await;
 }
+
+// ---------- the CLI against the running relay ----------
+
+async fn cli(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_exorelay"))
+            .args(&args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_and_accounts_commands_talk_to_the_relay() {
+    let h = Http::start("", "").await;
+    assert_eq!(
+        h.post("/api/v1/accounts/local/pause", Some(TOKEN))
+            .await
+            .status(),
+        200
+    );
+    let id = submit_smtp(&h.relay, "CLI subject").await;
+    // The CLI reads the address from the config: point it at the port actually bound.
+    let text = std::fs::read_to_string(h.relay.path("exorelay.toml"))
+        .unwrap()
+        .replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"{}\"", h.relay.http.unwrap()),
+        );
+    let cfg = h.relay.path("cli.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let c = |args: &[&str]| {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(["--config".to_string(), cfg.display().to_string()]);
+        v
+    };
+    let (ok, out) = cli(c(&["queue", "list"])).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&id) && out.contains("CLI subject") && out.contains("1 of 1 message(s)"),
+        "{out}"
+    );
+    let (ok, out) = cli(c(&["queue", "list", "--json"])).await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["messages"][0]["id"], id);
+    let (ok, out) = cli(c(&["queue", "show", &id])).await;
+    assert!(
+        ok && out.contains("boss@example.com") && out.contains("pending"),
+        "{out}"
+    );
+    let (ok, out) = cli(c(&["queue", "hold", &id])).await;
+    assert!(ok && out.contains("on hold"), "{out}");
+    let (ok, out) = cli(c(&["queue", "list", "--state", "held"])).await;
+    assert!(ok && out.contains(&id), "{out}");
+    let (ok, out) = cli(c(&["queue", "release", &id])).await;
+    assert!(ok, "{out}");
+    let (ok, out) = cli(c(&["queue", "hold", "0000000000000000A"])).await;
+    assert!(!ok && out.contains("404"), "{out}");
+    let (ok, out) = cli(c(&["accounts"])).await;
+    assert!(
+        ok && out.contains("local") && out.contains("paused") && out.contains("fix:"),
+        "{out}"
+    );
+    let (ok, out) = cli(c(&["accounts", "resume", "local"])).await;
+    assert!(ok && out.contains("resumed"), "{out}");
+    wait_captured(&h.relay.path("capture"), 1).await;
+
+    // Clear errors when something is off.
+    let wrong = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&h.relay.http.unwrap().port().to_string(), "1");
+    std::fs::write(&cfg, wrong).unwrap();
+    let (ok, out) = cli(c(&["queue", "list"])).await;
+    assert!(
+        !ok && out.contains("cannot reach the relay at http://127.0.0.1:1"),
+        "{out}"
+    );
+}
