@@ -50,6 +50,9 @@ fn check_accepts_the_shipped_configs() {
     let secret = scratch.path().join("contoso.secret");
     std::fs::write(&secret, "value\n").unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token = scratch.path().join("admin.token");
+    std::fs::write(&token, "an-admin-token-of-enough-length\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
     let example = std::fs::read_to_string(format!("{root}/config/exorelay.example.toml"))
         .unwrap()
         .replace("/etc/exorelay/", &format!("{}/", scratch.path().display()));
