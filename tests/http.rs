@@ -946,3 +946,38 @@ async fn queue_and_accounts_commands_talk_to_the_relay() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn https_when_a_certificate_is_configured() {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path());
+    let cfg = basic_config("")
+        + &format!(
+            "\n[http]\nlisten = \"127.0.0.1:0\"\n[http.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        );
+    let relay = TestRelay::start(&cfg).await;
+    let addr = relay.http.unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert_pem.as_bytes()).unwrap())
+        .resolve("localhost", addr)
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/healthz", addr.port());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        match client.get(&url).send().await {
+            Ok(r) => break r,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert_eq!(r.status(), 200);
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = reqwest::get(format!("http://127.0.0.1:{}/healthz", addr.port())).await;
+    assert!(plain.is_err() || !plain.unwrap().status().is_success());
+}

@@ -702,6 +702,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn deleted_messages_are_pruned_after_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path(), 10).unwrap();
+        let spool = Arc::new(spool);
+        let w = spool.create().await.unwrap();
+        let id = w.commit(&spool, meta()).await.unwrap();
+        spool
+            .move_message(&id, Area::Queue, Area::Deleted, None)
+            .unwrap();
+        assert_eq!(
+            spool.prune_deleted(std::time::Duration::from_secs(3600)),
+            0,
+            "kept while young"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(spool.prune_deleted(std::time::Duration::from_millis(1)), 1);
+        assert_eq!(spool.locate(&id), None);
+    }
+
+    #[tokio::test]
     async fn full_spool_refuses() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path(), 1).unwrap();
