@@ -1,0 +1,378 @@
+//! `cargo bench --bench relay -- [options]`: runs the real exorelay binary with a capture or
+//! fake-Exchange upstream, drives it with a built-in SMTP load generator, verifies that every
+//! message arrived intact, and prints a table and a JSON line.
+//!
+//! Options (defaults in brackets):
+//!   --messages N [2000]        messages to send
+//!   --size BYTES [2048]        approximate message size (suffixes K, M)
+//!   --concurrency C [50]       concurrent client connections
+//!   --per-connection M [1]     messages per connection (printers send one)
+//!   --upstream capture|exchange [capture]
+//!   --direct                   also drive the fake Exchange directly (STARTTLS + XOAUTH2 per
+//!                              connection) for the baseline the relay is compared with
+
+#[allow(dead_code)]
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+struct Args {
+    messages: usize,
+    size: usize,
+    concurrency: usize,
+    per_connection: usize,
+    upstream: String,
+    direct: bool,
+}
+
+fn parse_size(s: &str) -> usize {
+    let s = s.trim().to_ascii_uppercase();
+    let (num, mult) = if let Some(n) = s.strip_suffix("MB").or_else(|| s.strip_suffix('M')) {
+        (n, 1024 * 1024)
+    } else if let Some(n) = s.strip_suffix("KB").or_else(|| s.strip_suffix('K')) {
+        (n, 1024)
+    } else {
+        (s.as_str(), 1)
+    };
+    num.parse::<usize>().expect("size") * mult
+}
+
+fn args() -> Args {
+    let mut a = Args { messages: 2000, size: 2048, concurrency: 50, per_connection: 1, upstream: "capture".into(), direct: false };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        match k.as_str() {
+            "--messages" => a.messages = val().parse().expect("--messages"),
+            "--size" => a.size = parse_size(&val()),
+            "--concurrency" => a.concurrency = val().parse().expect("--concurrency"),
+            "--per-connection" => a.per_connection = val().parse::<usize>().expect("--per-connection").max(1),
+            "--upstream" => a.upstream = val(),
+            "--direct" => a.direct = true,
+            "--bench" => {}
+            other => panic!("unknown option {other}; see the header of benches/relay.rs"),
+        }
+    }
+    a
+}
+
+fn proc_field(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // After the command name: state is field 3, utime 14, stime 15 (1-based) -> indexes 11, 12 here.
+    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
+    ticks as f64 / unsafe_clk_tck()
+}
+
+fn unsafe_clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn body_for(i: usize, size: usize) -> Vec<u8> {
+    let mut b = format!("Subject: bench-{i:08}\r\nMessage-ID: <bench-{i}@load>\r\nFrom: scanner@printer.local\r\nTo: boss@example.com\r\n\r\n").into_bytes();
+    let line = format!("{:076}\r\n", i);
+    while b.len() + line.len() <= size.max(b.len() + line.len()) && b.len() < size {
+        b.extend_from_slice(line.as_bytes());
+    }
+    b
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn expect(r: &mut BufReader<TcpStream>, code: &str) -> Result<(), String> {
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed".into());
+        }
+        if line.as_bytes().get(3) == Some(&b'-') {
+            continue;
+        }
+        return if line.starts_with(code) { Ok(()) } else { Err(line) };
+    }
+}
+
+/// One client connection sending `ids`; returns accept latencies (end of data to 250).
+async fn client(addr: std::net::SocketAddr, ids: Vec<usize>, size: usize) -> Result<Vec<Duration>, String> {
+    let s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.set_nodelay(true).ok();
+    let mut r = BufReader::new(s);
+    expect(&mut r, "220").await?;
+    r.get_mut().write_all(b"EHLO bench\r\n").await.map_err(|e| e.to_string())?;
+    expect(&mut r, "250").await?;
+    let mut lat = Vec::with_capacity(ids.len());
+    for i in ids {
+        r.get_mut().write_all(b"MAIL FROM:<scanner@printer.local>\r\nRCPT TO:<boss@example.com>\r\nDATA\r\n").await.map_err(|e| e.to_string())?;
+        expect(&mut r, "250").await?;
+        expect(&mut r, "250").await?;
+        expect(&mut r, "354").await?;
+        r.get_mut().write_all(&body_for(i, size)).await.map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        r.get_mut().write_all(b".\r\n").await.map_err(|e| e.to_string())?;
+        expect(&mut r, "250").await?;
+        lat.push(t.elapsed());
+    }
+    let _ = r.get_mut().write_all(b"QUIT\r\n").await;
+    Ok(lat)
+}
+
+fn write_config(dir: &Path, port: u16, upstream: &str, fake: Option<&support::fake_exchange::FakeExchange>) -> PathBuf {
+    let account = match (upstream, fake) {
+        ("exchange", Some(f)) => {
+            use std::os::unix::fs::PermissionsExt;
+            let secret = dir.join("secret");
+            std::fs::write(&secret, support::fake_exchange::SECRET).unwrap();
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let ca = dir.join("ca.pem");
+            std::fs::write(&ca, &f.smtp_ca_pem).unwrap();
+            format!(
+                "[[account]]\nname = \"contoso\"\nkind = \"exchange\"\nmailbox = \"{}\"\ntenant = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\nauthority_url = \"{}\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nca_file = \"{}\"\nmax_connections = 3\nmax_messages_per_minute = 1000000\nmax_recipients_per_day = 100000000\n",
+                support::fake_exchange::MAILBOX,
+                support::fake_exchange::TENANT,
+                support::fake_exchange::CLIENT_ID,
+                secret.display(),
+                f.authority(),
+                f.smtp_addr.port(),
+                ca.display()
+            )
+        }
+        _ => "[[account]]\nname = \"local\"\nkind = \"capture\"\ndir = \"capture\"\nmax_connections = 4\n".to_string(),
+    };
+    let text = format!(
+        "hostname = \"bench.local\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n[relay]\nallowed_networks = [\"127.0.0.1/32\"]\nmax_connections = 2000\nmax_message_size = \"100MB\"\n[queue]\ndir = \"spool\"\nmax_messages = 10000000\n{account}"
+    );
+    let p = dir.join("bench.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn count_captured(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count()).unwrap_or(0)
+}
+
+/// Verifies every message arrived once with its body intact; returns (missing, corrupt, duplicates).
+fn verify(bodies: Vec<Vec<u8>>, n: usize, size: usize) -> (usize, usize, usize) {
+    let mut seen = vec![0usize; n];
+    let mut corrupt = 0;
+    for b in bodies {
+        let text = String::from_utf8_lossy(&b);
+        let Some(i) = text.split("Subject: bench-").nth(1).and_then(|s| s.get(..8)).and_then(|s| s.parse::<usize>().ok()) else {
+            corrupt += 1;
+            continue;
+        };
+        let expected = body_for(i, size);
+        let exp_body = &expected[expected.windows(4).position(|w| w == b"\r\n\r\n").unwrap()..];
+        let got_body = b.windows(4).position(|w| w == b"\r\n\r\n").map(|p| &b[p..]);
+        if got_body != Some(exp_body) || i >= n {
+            corrupt += 1;
+            continue;
+        }
+        seen[i] += 1;
+    }
+    let missing = seen.iter().filter(|c| **c == 0).count();
+    let dups = seen.iter().map(|c| c.saturating_sub(1)).sum();
+    (missing, corrupt, dups)
+}
+
+async fn direct_fake(fake: &support::fake_exchange::FakeExchange, n: usize, size: usize, concurrency: usize) -> f64 {
+    use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+    use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters};
+    use lettre::transport::smtp::extension::ClientId;
+    let form = [("client_id", support::fake_exchange::CLIENT_ID), ("client_secret", support::fake_exchange::SECRET), ("scope", "https://outlook.office365.com/.default"), ("grant_type", "client_credentials")];
+    let tok: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/{}/oauth2/v2.0/token", fake.authority(), support::fake_exchange::TENANT))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = tok["access_token"].as_str().unwrap().to_string();
+    let tls = TlsParameters::builder("127.0.0.1".into())
+        .certificate_store(CertificateStore::None)
+        .add_root_certificate(Certificate::from_pem(fake.smtp_ca_pem.as_bytes()).unwrap())
+        .build_rustls()
+        .unwrap();
+    let before = fake.delivered().len();
+    let start = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let workers: Vec<_> = (0..concurrency.min(3))
+        .map(|_| {
+            let (next, tls, token, addr) = (next.clone(), tls.clone(), token.clone(), fake.smtp_addr);
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if i >= n {
+                        break;
+                    }
+                    let hello = ClientId::Domain("bench".into());
+                    let mut c = AsyncSmtpConnection::connect_tokio1(("127.0.0.1", addr.port()), Some(Duration::from_secs(10)), &hello, None, None).await.unwrap();
+                    c.starttls(tls.clone(), &hello).await.unwrap();
+                    c.auth(&[Mechanism::Xoauth2], &Credentials::new(support::fake_exchange::MAILBOX.into(), token.clone())).await.unwrap();
+                    let env = lettre::address::Envelope::new(Some(support::fake_exchange::MAILBOX.parse().unwrap()), vec!["boss@example.com".parse().unwrap()]).unwrap();
+                    let body = body_for(i, size);
+                    c.send(&env, body.strip_suffix(b"\r\n").unwrap_or(&body)).await.unwrap();
+                    let _ = c.quit().await;
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    assert_eq!(fake.delivered().len() - before, n);
+    rate
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(run(a));
+}
+
+async fn run(a: Args) {
+    exorelay::tls::install_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let fake = if a.upstream == "exchange" || a.direct {
+        let f = support::fake_exchange::FakeExchange::start().await;
+        f.set_rate(usize::MAX, Duration::from_secs(60));
+        Some(f)
+    } else {
+        None
+    };
+    let direct_rate = match (&fake, a.direct) {
+        (Some(f), true) => Some(direct_fake(f, a.messages.min(2000), a.size, a.concurrency).await),
+        _ => None,
+    };
+    let cfg = write_config(dir.path(), port, &a.upstream, fake.as_ref());
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_exorelay"))
+        .args(["run", "--config", cfg.to_str().unwrap()])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start exorelay");
+    let pid = child.id();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "relay did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle_rss = proc_field(pid, "VmRSS:");
+    let cpu0 = cpu_seconds(pid);
+    let delivered_before = fake.as_ref().map(|f| f.delivered().len()).unwrap_or(0);
+
+    // Load: connections take message numbers from a shared counter.
+    let start = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..a.concurrency {
+        let (next, n, per, size) = (next.clone(), a.messages, a.per_connection, a.size);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let first = next.fetch_add(per, std::sync::atomic::Ordering::SeqCst);
+                if first >= n {
+                    break;
+                }
+                let ids: Vec<usize> = (first..(first + per).min(n)).collect();
+                match client(addr, ids, size).await {
+                    Ok(l) => lat.extend(l),
+                    Err(e) => panic!("client failed: {e}"),
+                }
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let accept_elapsed = start.elapsed();
+    let peak_rss_accept = proc_field(pid, "VmHWM:");
+
+    // End to end.
+    let capture = dir.path().join("capture");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let done = match &fake {
+            Some(f) if a.upstream == "exchange" => f.delivered().len() - delivered_before,
+            _ => count_captured(&capture),
+        };
+        if done >= a.messages {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {done} of {} delivered", a.messages);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e2e_elapsed = start.elapsed();
+    let cpu = cpu_seconds(pid) - cpu0;
+    let peak_rss = proc_field(pid, "VmHWM:");
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let _ = child.wait();
+
+    let bodies: Vec<Vec<u8>> = match &fake {
+        Some(f) if a.upstream == "exchange" => f.delivered().into_iter().skip(delivered_before).map(|d| d.data).collect(),
+        _ => std::fs::read_dir(&capture)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".eml") && !e.file_name().to_string_lossy().starts_with('.'))
+            .map(|e| std::fs::read(e.path()).unwrap())
+            .collect(),
+    };
+    let (missing, corrupt, dups) = verify(bodies, a.messages, a.size);
+
+    lat.sort();
+    let accepted_rate = a.messages as f64 / accept_elapsed.as_secs_f64();
+    let e2e_rate = a.messages as f64 / e2e_elapsed.as_secs_f64();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!("exorelay benchmark: {} messages of ~{} bytes, {} connections, {} per connection, upstream {}", a.messages, a.size, a.concurrency, a.per_connection, a.upstream);
+    println!("  accepted            {accepted_rate:>10.1} msg/s");
+    println!("  accept latency p50  {:>10.2} ms", ms(percentile(&lat, 0.5)));
+    println!("  accept latency p99  {:>10.2} ms", ms(percentile(&lat, 0.99)));
+    println!("  delivered (e2e)     {e2e_rate:>10.1} msg/s");
+    if let Some(d) = direct_rate {
+        println!("  fake driven directly{d:>10.1} msg/s (STARTTLS + XOAUTH2 per connection, 3 at once)");
+    }
+    println!("  relay CPU           {cpu:>10.2} s");
+    println!("  idle RSS            {:>10.1} MB", idle_rss as f64 / 1024.0);
+    println!("  peak RSS            {:>10.1} MB (accept phase {:.1} MB)", peak_rss as f64 / 1024.0, peak_rss_accept as f64 / 1024.0);
+    println!("  verified            {} intact, {missing} missing, {corrupt} corrupt, {dups} duplicates", a.messages - missing);
+    let json = serde_json::json!({
+        "messages": a.messages, "size": a.size, "concurrency": a.concurrency, "per_connection": a.per_connection, "upstream": a.upstream,
+        "accepted_msg_per_s": accepted_rate, "accept_latency_p50_ms": ms(percentile(&lat, 0.5)), "accept_latency_p99_ms": ms(percentile(&lat, 0.99)),
+        "delivered_msg_per_s": e2e_rate, "direct_fake_msg_per_s": direct_rate, "relay_cpu_s": cpu,
+        "idle_rss_mb": idle_rss as f64 / 1024.0, "peak_rss_mb": peak_rss as f64 / 1024.0,
+        "missing": missing, "corrupt": corrupt, "duplicates": dups,
+    });
+    println!("{json}");
+    assert!(missing == 0 && corrupt == 0, "messages lost or damaged");
+}
