@@ -11,7 +11,6 @@
 //!   --direct                   also drive the fake Exchange directly (STARTTLS + XOAUTH2 per
 //!                              connection) for the baseline the relay is compared with
 
-#[allow(dead_code)]
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -45,7 +44,14 @@ fn parse_size(s: &str) -> usize {
 }
 
 fn args() -> Args {
-    let mut a = Args { messages: 2000, size: 2048, concurrency: 50, per_connection: 1, upstream: "capture".into(), direct: false };
+    let mut a = Args {
+        messages: 2000,
+        size: 2048,
+        concurrency: 50,
+        per_connection: 1,
+        upstream: "capture".into(),
+        direct: false,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
@@ -53,7 +59,9 @@ fn args() -> Args {
             "--messages" => a.messages = val().parse().expect("--messages"),
             "--size" => a.size = parse_size(&val()),
             "--concurrency" => a.concurrency = val().parse().expect("--concurrency"),
-            "--per-connection" => a.per_connection = val().parse::<usize>().expect("--per-connection").max(1),
+            "--per-connection" => {
+                a.per_connection = val().parse::<usize>().expect("--per-connection").max(1)
+            }
             "--upstream" => a.upstream = val(),
             "--direct" => a.direct = true,
             "--bench" => {}
@@ -66,17 +74,29 @@ fn args() -> Args {
 fn proc_field(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
+/// (user, system) CPU seconds of `pid` (fields 14 and 15 of /proc/PID/stat).
+fn cpu_split(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<u64> = after.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    // After the command name: state is field 3, utime 14, stime 15 (1-based) -> indexes 11, 12 here.
-    let ticks = f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0);
-    ticks as f64 / unsafe_clk_tck()
+    // After the command name come field 3 (state), 4, ...: field N is at index N - 3.
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| {
+        f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) as f64 / unsafe_clk_tck()
+    };
+    (get(11), get(12))
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    let (u, s) = cpu_split(pid);
+    u + s
 }
 
 fn unsafe_clk_tck() -> f64 {
@@ -110,27 +130,49 @@ async fn expect(r: &mut BufReader<TcpStream>, code: &str) -> Result<(), String> 
         if line.as_bytes().get(3) == Some(&b'-') {
             continue;
         }
-        return if line.starts_with(code) { Ok(()) } else { Err(line) };
+        return if line.starts_with(code) {
+            Ok(())
+        } else {
+            Err(line)
+        };
     }
 }
 
 /// One client connection sending `ids`; returns accept latencies (end of data to 250).
-async fn client(addr: std::net::SocketAddr, ids: Vec<usize>, size: usize) -> Result<Vec<Duration>, String> {
+async fn client(
+    addr: std::net::SocketAddr,
+    ids: Vec<usize>,
+    size: usize,
+) -> Result<Vec<Duration>, String> {
     let s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     s.set_nodelay(true).ok();
     let mut r = BufReader::new(s);
     expect(&mut r, "220").await?;
-    r.get_mut().write_all(b"EHLO bench\r\n").await.map_err(|e| e.to_string())?;
+    r.get_mut()
+        .write_all(b"EHLO bench\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
     expect(&mut r, "250").await?;
     let mut lat = Vec::with_capacity(ids.len());
     for i in ids {
-        r.get_mut().write_all(b"MAIL FROM:<scanner@printer.local>\r\nRCPT TO:<boss@example.com>\r\nDATA\r\n").await.map_err(|e| e.to_string())?;
+        r.get_mut()
+            .write_all(
+                b"MAIL FROM:<scanner@printer.local>\r\nRCPT TO:<boss@example.com>\r\nDATA\r\n",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         expect(&mut r, "250").await?;
         expect(&mut r, "250").await?;
         expect(&mut r, "354").await?;
-        r.get_mut().write_all(&body_for(i, size)).await.map_err(|e| e.to_string())?;
+        r.get_mut()
+            .write_all(&body_for(i, size))
+            .await
+            .map_err(|e| e.to_string())?;
         let t = Instant::now();
-        r.get_mut().write_all(b".\r\n").await.map_err(|e| e.to_string())?;
+        r.get_mut()
+            .write_all(b".\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
         expect(&mut r, "250").await?;
         lat.push(t.elapsed());
     }
@@ -138,7 +180,12 @@ async fn client(addr: std::net::SocketAddr, ids: Vec<usize>, size: usize) -> Res
     Ok(lat)
 }
 
-fn write_config(dir: &Path, port: u16, upstream: &str, fake: Option<&support::fake_exchange::FakeExchange>) -> PathBuf {
+fn write_config(
+    dir: &Path,
+    port: u16,
+    upstream: &str,
+    fake: Option<&support::fake_exchange::FakeExchange>,
+) -> PathBuf {
     let account = match (upstream, fake) {
         ("exchange", Some(f)) => {
             use std::os::unix::fs::PermissionsExt;
@@ -169,7 +216,13 @@ fn write_config(dir: &Path, port: u16, upstream: &str, fake: Option<&support::fa
 }
 
 fn count_captured(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().ends_with(".json")).count()).unwrap_or(0)
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// Verifies every message arrived once with its body intact; returns (missing, corrupt, duplicates).
@@ -178,7 +231,12 @@ fn verify(bodies: Vec<Vec<u8>>, n: usize, size: usize) -> (usize, usize, usize) 
     let mut corrupt = 0;
     for b in bodies {
         let text = String::from_utf8_lossy(&b);
-        let Some(i) = text.split("Subject: bench-").nth(1).and_then(|s| s.get(..8)).and_then(|s| s.parse::<usize>().ok()) else {
+        let Some(i) = text
+            .split("Subject: bench-")
+            .nth(1)
+            .and_then(|s| s.get(..8))
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
             corrupt += 1;
             continue;
         };
@@ -196,13 +254,29 @@ fn verify(bodies: Vec<Vec<u8>>, n: usize, size: usize) -> (usize, usize, usize) 
     (missing, corrupt, dups)
 }
 
-async fn direct_fake(fake: &support::fake_exchange::FakeExchange, n: usize, size: usize, concurrency: usize) -> f64 {
+async fn direct_fake(
+    fake: &support::fake_exchange::FakeExchange,
+    n: usize,
+    size: usize,
+    concurrency: usize,
+) -> f64 {
     use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-    use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters};
+    use lettre::transport::smtp::client::{
+        AsyncSmtpConnection, Certificate, CertificateStore, TlsParameters,
+    };
     use lettre::transport::smtp::extension::ClientId;
-    let form = [("client_id", support::fake_exchange::CLIENT_ID), ("client_secret", support::fake_exchange::SECRET), ("scope", "https://outlook.office365.com/.default"), ("grant_type", "client_credentials")];
+    let form = [
+        ("client_id", support::fake_exchange::CLIENT_ID),
+        ("client_secret", support::fake_exchange::SECRET),
+        ("scope", "https://outlook.office365.com/.default"),
+        ("grant_type", "client_credentials"),
+    ];
     let tok: serde_json::Value = reqwest::Client::new()
-        .post(format!("{}/{}/oauth2/v2.0/token", fake.authority(), support::fake_exchange::TENANT))
+        .post(format!(
+            "{}/{}/oauth2/v2.0/token",
+            fake.authority(),
+            support::fake_exchange::TENANT
+        ))
         .form(&form)
         .send()
         .await
@@ -221,21 +295,55 @@ async fn direct_fake(fake: &support::fake_exchange::FakeExchange, n: usize, size
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..concurrency.min(3))
         .map(|_| {
-            let (next, tls, token, addr) = (next.clone(), tls.clone(), token.clone(), fake.smtp_addr);
+            let (next, tls, token, addr) =
+                (next.clone(), tls.clone(), token.clone(), fake.smtp_addr);
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     if i >= n {
                         break;
                     }
-                    let hello = ClientId::Domain("bench".into());
-                    let mut c = AsyncSmtpConnection::connect_tokio1(("127.0.0.1", addr.port()), Some(Duration::from_secs(10)), &hello, None, None).await.unwrap();
-                    c.starttls(tls.clone(), &hello).await.unwrap();
-                    c.auth(&[Mechanism::Xoauth2], &Credentials::new(support::fake_exchange::MAILBOX.into(), token.clone())).await.unwrap();
-                    let env = lettre::address::Envelope::new(Some(support::fake_exchange::MAILBOX.parse().unwrap()), vec!["boss@example.com".parse().unwrap()]).unwrap();
-                    let body = body_for(i, size);
-                    c.send(&env, body.strip_suffix(b"\r\n").unwrap_or(&body)).await.unwrap();
-                    let _ = c.quit().await;
+                    // The fake allows 3 connections per mailbox; a reconnect can race the
+                    // previous close, so a refused attempt is simply tried again.
+                    for _ in 0..50 {
+                        let hello = ClientId::Domain("bench".into());
+                        let attempt = async {
+                            // Same socket options as the relay's upstream (no Nagle), for a fair baseline.
+                            let tcp = TcpStream::connect(addr).await.expect("connect to the fake");
+                            tcp.set_nodelay(true).ok();
+                            let mut c =
+                                AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &hello)
+                                    .await?;
+                            c.starttls(tls.clone(), &hello).await?;
+                            c.auth(
+                                &[Mechanism::Xoauth2],
+                                &Credentials::new(
+                                    support::fake_exchange::MAILBOX.into(),
+                                    token.clone(),
+                                ),
+                            )
+                            .await?;
+                            let env = lettre::address::Envelope::new(
+                                Some(support::fake_exchange::MAILBOX.parse().unwrap()),
+                                vec!["boss@example.com".parse().unwrap()],
+                            )
+                            .unwrap();
+                            let body = String::from_utf8(body_for(i, size))
+                                .unwrap()
+                                .replace("scanner@printer.local", support::fake_exchange::MAILBOX)
+                                .into_bytes();
+                            c.send(&env, body.strip_suffix(b"\r\n").unwrap_or(&body))
+                                .await?;
+                            let _ = c.quit().await;
+                            Ok::<(), lettre::transport::smtp::Error>(())
+                        };
+                        match attempt.await {
+                            Ok(()) => break,
+                            Err(e) if i == 0 => eprintln!("direct send failed (retrying): {e}"),
+                            Err(_) => {}
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
                 }
             })
         })
@@ -250,14 +358,22 @@ async fn direct_fake(fake: &support::fake_exchange::FakeExchange, n: usize, size
 
 fn main() {
     let a = args();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(run(a));
 }
 
 async fn run(a: Args) {
     exorelay::tls::install_provider();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let fake = if a.upstream == "exchange" || a.direct {
         let f = support::fake_exchange::FakeExchange::start().await;
         f.set_rate(usize::MAX, Duration::from_secs(60));
@@ -318,6 +434,7 @@ async fn run(a: Args) {
     }
     let accept_elapsed = start.elapsed();
     let peak_rss_accept = proc_field(pid, "VmHWM:");
+    let cpu_accept = cpu_seconds(pid) - cpu0;
 
     // End to end.
     let capture = dir.path().join("capture");
@@ -330,21 +447,34 @@ async fn run(a: Args) {
         if done >= a.messages {
             break;
         }
-        assert!(Instant::now() < deadline, "only {done} of {} delivered", a.messages);
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {} delivered",
+            a.messages
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let e2e_elapsed = start.elapsed();
     let cpu = cpu_seconds(pid) - cpu0;
+    let (user, system) = cpu_split(pid);
     let peak_rss = proc_field(pid, "VmHWM:");
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = child.wait();
 
     let bodies: Vec<Vec<u8>> = match &fake {
-        Some(f) if a.upstream == "exchange" => f.delivered().into_iter().skip(delivered_before).map(|d| d.data).collect(),
+        Some(f) if a.upstream == "exchange" => f
+            .delivered()
+            .into_iter()
+            .skip(delivered_before)
+            .map(|d| d.data)
+            .collect(),
         _ => std::fs::read_dir(&capture)
             .unwrap()
             .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".eml") && !e.file_name().to_string_lossy().starts_with('.'))
+            .filter(|e| {
+                e.file_name().to_string_lossy().ends_with(".eml")
+                    && !e.file_name().to_string_lossy().starts_with('.')
+            })
             .map(|e| std::fs::read(e.path()).unwrap())
             .collect(),
     };
@@ -354,22 +484,45 @@ async fn run(a: Args) {
     let accepted_rate = a.messages as f64 / accept_elapsed.as_secs_f64();
     let e2e_rate = a.messages as f64 / e2e_elapsed.as_secs_f64();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!("exorelay benchmark: {} messages of ~{} bytes, {} connections, {} per connection, upstream {}", a.messages, a.size, a.concurrency, a.per_connection, a.upstream);
+    println!(
+        "exorelay benchmark: {} messages of ~{} bytes, {} connections, {} per connection, upstream {}",
+        a.messages, a.size, a.concurrency, a.per_connection, a.upstream
+    );
     println!("  accepted            {accepted_rate:>10.1} msg/s");
-    println!("  accept latency p50  {:>10.2} ms", ms(percentile(&lat, 0.5)));
-    println!("  accept latency p99  {:>10.2} ms", ms(percentile(&lat, 0.99)));
+    println!(
+        "  accept latency p50  {:>10.2} ms",
+        ms(percentile(&lat, 0.5))
+    );
+    println!(
+        "  accept latency p99  {:>10.2} ms",
+        ms(percentile(&lat, 0.99))
+    );
     println!("  delivered (e2e)     {e2e_rate:>10.1} msg/s");
     if let Some(d) = direct_rate {
-        println!("  fake driven directly{d:>10.1} msg/s (STARTTLS + XOAUTH2 per connection, 3 at once)");
+        println!(
+            "  fake driven directly{d:>10.1} msg/s (STARTTLS + XOAUTH2 per connection, 3 at once)"
+        );
     }
-    println!("  relay CPU           {cpu:>10.2} s");
-    println!("  idle RSS            {:>10.1} MB", idle_rss as f64 / 1024.0);
-    println!("  peak RSS            {:>10.1} MB (accept phase {:.1} MB)", peak_rss as f64 / 1024.0, peak_rss_accept as f64 / 1024.0);
-    println!("  verified            {} intact, {missing} missing, {corrupt} corrupt, {dups} duplicates", a.messages - missing);
+    println!(
+        "  relay CPU           {cpu:>10.2} s ({cpu_accept:.2} s while accepting; user {user:.2} s, system {system:.2} s)"
+    );
+    println!(
+        "  idle RSS            {:>10.1} MB",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "  peak RSS            {:>10.1} MB (accept phase {:.1} MB)",
+        peak_rss as f64 / 1024.0,
+        peak_rss_accept as f64 / 1024.0
+    );
+    println!(
+        "  verified            {} intact, {missing} missing, {corrupt} corrupt, {dups} duplicates",
+        a.messages - missing
+    );
     let json = serde_json::json!({
         "messages": a.messages, "size": a.size, "concurrency": a.concurrency, "per_connection": a.per_connection, "upstream": a.upstream,
         "accepted_msg_per_s": accepted_rate, "accept_latency_p50_ms": ms(percentile(&lat, 0.5)), "accept_latency_p99_ms": ms(percentile(&lat, 0.99)),
-        "delivered_msg_per_s": e2e_rate, "direct_fake_msg_per_s": direct_rate, "relay_cpu_s": cpu,
+        "delivered_msg_per_s": e2e_rate, "direct_fake_msg_per_s": direct_rate, "relay_cpu_s": cpu, "relay_cpu_accept_s": cpu_accept,
         "idle_rss_mb": idle_rss as f64 / 1024.0, "peak_rss_mb": peak_rss as f64 / 1024.0,
         "missing": missing, "corrupt": corrupt, "duplicates": dups,
     });

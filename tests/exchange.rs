@@ -500,6 +500,7 @@ async fn a_burst_drains_at_the_allowed_rate_without_a_throttle_reply() {
     ))
     .await;
     let total = 300;
+    let started = Instant::now();
     let clients: Vec<_> = (0..10)
         .map(|k| {
             let addr = relay.addr();
@@ -521,7 +522,6 @@ async fn a_burst_drains_at_the_allowed_rate_without_a_throttle_reply() {
     for c in clients {
         c.await.unwrap();
     }
-    let started = Instant::now();
     wait_delivered(&fake, total, 60).await;
     assert_eq!(
         fake.state

@@ -102,7 +102,7 @@ pub struct Forwarder {
     control_rx: mpsc::Receiver<ControlMsg>,
     /// (due time, queue ID, account), with an index by ID.
     schedule: BTreeSet<(DateTime<Utc>, String, String)>,
-    scheduled: HashMap<String, DateTime<Utc>>,
+    scheduled: HashMap<String, (DateTime<Utc>, String)>,
     in_flight: HashSet<String>,
 }
 
@@ -209,15 +209,18 @@ impl Forwarder {
     }
 
     fn schedule_at(&mut self, id: String, account: String, at: DateTime<Utc>) {
-        self.unschedule(&id);
-        self.scheduled.insert(id.clone(), at);
+        if let Some((old_at, old_account)) =
+            self.scheduled.insert(id.clone(), (at, account.clone()))
+        {
+            self.schedule.remove(&(old_at, id.clone(), old_account));
+        }
         self.schedule.insert((at, id, account));
     }
 
-    /// Forgets a message: not scheduled, not waiting.
+    /// Forgets a message: not scheduled, not waiting (for administrators' commands; O(queue)).
     fn unschedule(&mut self, id: &str) {
-        if let Some(at) = self.scheduled.remove(id) {
-            self.schedule.retain(|(t, i, _)| !(*t == at && i == id));
+        if let Some((at, account)) = self.scheduled.remove(id) {
+            self.schedule.remove(&(at, id.to_string(), account));
         }
         for a in self.accounts.values_mut() {
             a.waiting.retain(|w| w != id);
@@ -278,14 +281,9 @@ impl Forwarder {
                 .unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(id) = committed.recv() => {
-                    match self.spool.load(&id) {
-                        Ok(m) => {
-                            self.metrics.received.get_or_create(&Metrics::account(&m.account)).inc();
-                            self.schedule_at(id, m.account, Utc::now());
-                        }
-                        Err(e) => warn!(queue_id = %id, error = %e, "committed message vanished before delivery"),
-                    }
+                Some((id, account)) = committed.recv() => {
+                    self.metrics.received.get_or_create(&Metrics::account(&account)).inc();
+                    self.schedule_at(id, account, Utc::now());
                 }
                 Some(done) = done_rx.recv() => {
                     self.in_flight.remove(&done.id);

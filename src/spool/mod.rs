@@ -99,8 +99,8 @@ pub struct Spool {
     corrupt: PathBuf,
     count: AtomicUsize,
     max_messages: usize,
-    committed_tx: mpsc::UnboundedSender<String>,
-    committed_rx: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    committed_tx: mpsc::UnboundedSender<(String, String)>,
+    committed_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, String)>>>,
 }
 
 static LAST_ID_MICROS: AtomicU64 = AtomicU64::new(0);
@@ -173,8 +173,8 @@ impl Spool {
         Ok((spool, recovered))
     }
 
-    /// The receiver of IDs committed from now on; the forwarder takes it once.
-    pub fn take_committed(&self) -> Option<mpsc::UnboundedReceiver<String>> {
+    /// The receiver of (queue ID, account) committed from now on; the forwarder takes it once.
+    pub fn take_committed(&self) -> Option<mpsc::UnboundedReceiver<(String, String)>> {
         self.committed_rx.lock().ok()?.take()
     }
 
@@ -555,7 +555,9 @@ impl MessageWriter {
             Spool::write_file_synced(&tmp_meta, &meta.encode())?;
             spool.publish(&meta.id)?;
             spool.count.fetch_add(1, Ordering::SeqCst);
-            let _ = spool.committed_tx.send(meta.id.clone());
+            let _ = spool
+                .committed_tx
+                .send((meta.id.clone(), meta.account.clone()));
             Ok(())
         })
         .await

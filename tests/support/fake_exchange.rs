@@ -167,6 +167,7 @@ impl FakeExchange {
         let st = state.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = smtp.accept().await {
+                let _ = tcp.set_nodelay(true);
                 let (st, acceptor) = (st.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     let _ = smtp_session(tcp, acceptor, st).await;

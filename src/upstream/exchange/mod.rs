@@ -170,18 +170,30 @@ impl Exchange {
         may_refresh: bool,
     ) -> Result<(AsyncSmtpConnection, AccessToken), ConnError> {
         let addr = format!("{}:{}", self.host, self.port);
-        let mut conn = match tokio::time::timeout(
+        // Our own socket, so Nagle's algorithm can be turned off: lettre writes the message and
+        // its terminating dot separately, and with Nagle each message would wait a delayed ACK.
+        let tcp = match tokio::time::timeout(
             CONNECT_TIMEOUT,
-            AsyncSmtpConnection::connect_tokio1(
-                (self.host.as_str(), self.port),
-                Some(CONNECT_TIMEOUT),
-                &self.hello,
-                None,
-                None,
-            ),
+            tokio::net::TcpStream::connect((self.host.as_str(), self.port)),
         )
         .await
         {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return Err(ConnError::Temporary(format!(
+                    "cannot connect to {addr}: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(ConnError::Temporary(format!(
+                    "cannot connect to {addr}: {}",
+                    timed_out("the connection")
+                )));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let greeting = AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello);
+        let mut conn = match tokio::time::timeout(COMMAND_TIMEOUT, greeting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 let (class, text) = self.classify_error(&e);
