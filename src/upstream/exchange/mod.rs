@@ -6,6 +6,7 @@
 //! authenticated with has expired. A `535 5.7.3` gets one token refresh and one retry; every
 //! other answer is sorted by [`classify`].
 
+pub mod body;
 pub mod classify;
 pub mod pacer;
 pub mod policy;
@@ -306,7 +307,7 @@ impl Exchange {
         &self,
         from: &str,
         rcpts: &[String],
-        message: &[u8],
+        message: &body::OutgoingBody,
         eight_bit: bool,
     ) -> (Vec<Outcome>, Option<AccountSignal>, bool) {
         let n = rcpts.len();
@@ -438,13 +439,12 @@ impl Exchange {
                 false,
             );
         }
-        // lettre ends the data with CRLF "." CRLF; the message's own final CRLF must not be
-        // sent twice, or Exchange would receive an extra empty line.
-        let content = message.strip_suffix(b"\r\n").unwrap_or(message);
+        let read_failed = std::sync::atomic::AtomicBool::new(false);
+        let chunks = message.chunks(&read_failed);
         let data_result = match tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Data)).await {
             Ok(Ok(_)) => tokio::time::timeout(
                 COMMAND_TIMEOUT + Duration::from_secs(message.len() as u64 / 100_000),
-                conn.message(content),
+                conn.message_iter(chunks),
             )
             .await
             .map_err(|_| None)
@@ -453,6 +453,15 @@ impl Exchange {
             Err(_) => Err(None),
         };
         let (fill, submitted) = match data_result {
+            Ok(_) if read_failed.load(std::sync::atomic::Ordering::Relaxed) => {
+                // SMTP cannot take back a message once the final dot is sent: say so loudly.
+                tracing::error!(account = %self.account, "reading the spooled message failed while sending it; Exchange may have received it truncated; it stays queued");
+                conn.abort().await;
+                (
+                    Outcome::Temporary("reading the spooled message failed during DATA".into()),
+                    true,
+                )
+            }
             Ok(resp) => {
                 let text = format!(
                     "{} {}",
@@ -531,8 +540,29 @@ impl Exchange {
 
     async fn deliver_job(&self, job: &Job<'_>) -> Attempt {
         let n = job.recipients.len();
-        let raw = match tokio::fs::read(&job.body).await {
-            Ok(b) => b,
+        let (mailbox, hostname, id) = (
+            self.mailbox.clone(),
+            self.hostname.clone(),
+            job.meta.id.clone(),
+        );
+        let rewrite = self.rewrite_from == RewriteFrom::Always;
+        let path = job.body.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            body::OutgoingBody::load(&path, |head| {
+                if !rewrite {
+                    return head.to_vec();
+                }
+                let (bytes, report) = policy::rewrite(head, &mailbox, &hostname, &id);
+                if report.original_from.is_some() || !report.added.is_empty() {
+                    debug!(queue_id = %id, original_from = ?report.original_from, added = ?report.added, "sender rewritten for Exchange");
+                }
+                bytes
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+        let message = match loaded {
+            Ok(m) => m,
             Err(e) => {
                 return Attempt::all(
                     n,
@@ -540,16 +570,10 @@ impl Exchange {
                 );
             }
         };
-        let (message, from) = match self.rewrite_from {
-            RewriteFrom::Always => {
-                let (bytes, report) =
-                    policy::rewrite(&raw, &self.mailbox, &self.hostname, &job.meta.id);
-                if report.original_from.is_some() || !report.added.is_empty() {
-                    debug!(queue_id = %job.meta.id, original_from = ?report.original_from, added = ?report.added, "sender rewritten for Exchange");
-                }
-                (bytes, self.mailbox.clone())
-            }
-            RewriteFrom::Never => (raw, job.meta.mail_from.clone()),
+        let from = if rewrite {
+            self.mailbox.clone()
+        } else {
+            job.meta.mail_from.clone()
         };
         let mut outcomes = Vec::with_capacity(n);
         let mut signal = None;
