@@ -11,8 +11,22 @@ use libfuzzer_sys::fuzz_target;
 /// Maps raw input into something close to SMTP so the fuzzer reaches deep states quickly.
 fn smtpish(data: &[u8]) -> Vec<u8> {
     const WORDS: [&[u8]; 16] = [
-        b"EHLO x\r\n", b"HELO\n", b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n", b"DATA\r\n", b"\r\n.\r\n", b".\r\n",
-        b"AUTH PLAIN AHUAcHc=\r\n", b"AUTH LOGIN\r\n", b"STARTTLS\r\n", b"RSET\r\n", b"\n.\n", b"..", b"\r", b"\n", b"QUIT\r\n",
+        b"EHLO x\r\n",
+        b"HELO\n",
+        b"MAIL FROM:<a@b>\r\n",
+        b"RCPT TO:<c@d>\r\n",
+        b"DATA\r\n",
+        b"\r\n.\r\n",
+        b".\r\n",
+        b"AUTH PLAIN AHUAcHc=\r\n",
+        b"AUTH LOGIN\r\n",
+        b"STARTTLS\r\n",
+        b"RSET\r\n",
+        b"\n.\n",
+        b"..",
+        b"\r",
+        b"\n",
+        b"QUIT\r\n",
     ];
     let mut out = Vec::with_capacity(data.len() * 4);
     for &b in data {
@@ -55,7 +69,11 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
                 Step::Authenticate(c) => {
-                    let ok = if c.password == "pw" { AuthOutcome::Success } else { AuthOutcome::Failure };
+                    let ok = if c.password == "pw" {
+                        AuthOutcome::Success
+                    } else {
+                        AuthOutcome::Failure
+                    };
                     s.auth_result(&c.user, ok);
                 }
                 Step::OpenMessage => {
