@@ -18,16 +18,18 @@
 //! 4. `queue/` itself is fsynced;
 //! 5. only then may the SMTP session answer `250 ... queued as <ID>`.
 //!
-//! Steps 3-4 are done by [`Spool::publish`], which takes no per-message state beyond the ID, so
-//! several sessions' commits can later share one directory fsync without a format change.
+//! Steps 3-4 are group-committed: one publisher thread takes every commit that is ready, renames
+//! them all and fsyncs `queue/` once for the whole batch; each session gets its answer only after
+//! that fsync. While one fsync runs the next batch gathers, so under load many messages share one
+//! directory fsync and no one waits for a timer.
 
 pub mod meta;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -97,10 +99,72 @@ pub struct Spool {
     failed: PathBuf,
     deleted: PathBuf,
     corrupt: PathBuf,
-    count: AtomicUsize,
+    count: Arc<AtomicUsize>,
     max_messages: usize,
-    committed_tx: mpsc::UnboundedSender<(String, String)>,
+    publisher: Mutex<std::sync::mpsc::Sender<PublishRequest>>,
     committed_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, String)>>>,
+}
+
+/// A message whose files are written and fsynced in `tmp/`, waiting to be made visible.
+struct PublishRequest {
+    id: String,
+    account: String,
+    done: tokio::sync::oneshot::Sender<io::Result<()>>,
+}
+
+/// The group-commit loop; ends when the spool (the only sender) is dropped.
+fn publisher(
+    rx: std::sync::mpsc::Receiver<PublishRequest>,
+    tmp: PathBuf,
+    queue: PathBuf,
+    count: Arc<AtomicUsize>,
+    committed: mpsc::UnboundedSender<(String, String)>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let mut renamed = Vec::with_capacity(batch.len());
+        for req in batch {
+            let r = std::fs::rename(
+                tmp.join(format!("{}.eml", req.id)),
+                queue.join(format!("{}.eml", req.id)),
+            )
+            .and_then(|_| {
+                std::fs::rename(
+                    tmp.join(format!("{}.json", req.id)),
+                    queue.join(format!("{}.json", req.id)),
+                )
+            });
+            match r {
+                Ok(()) => renamed.push(req),
+                Err(e) => {
+                    let _ = req.done.send(Err(e));
+                }
+            }
+        }
+        if renamed.is_empty() {
+            continue;
+        }
+        match fsync_dir(&queue) {
+            Ok(()) => {
+                for req in renamed {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let _ = committed.send((req.id, req.account));
+                    let _ = req.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                // Not durable: take the files back out so nothing unacknowledged is delivered.
+                for req in renamed {
+                    let _ = std::fs::remove_file(queue.join(format!("{}.json", req.id)));
+                    let _ = std::fs::remove_file(queue.join(format!("{}.eml", req.id)));
+                    let _ = req.done.send(Err(io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
+    }
 }
 
 static LAST_ID_MICROS: AtomicU64 = AtomicU64::new(0);
@@ -143,6 +207,15 @@ impl Spool {
     /// Opens (creating if needed) the spool at `root` and recovers what is in it.
     pub fn open(root: &Path, max_messages: usize) -> io::Result<(Spool, Recovered)> {
         let (tx, rx) = mpsc::unbounded_channel();
+        let (ptx, prx) = std::sync::mpsc::channel();
+        let count = Arc::new(AtomicUsize::new(0));
+        {
+            let (tmp, queue, count, committed) =
+                (root.join("tmp"), root.join("queue"), count.clone(), tx);
+            std::thread::Builder::new()
+                .name("spool-commit".into())
+                .spawn(move || publisher(prx, tmp, queue, count, committed))?;
+        }
         let spool = Spool {
             tmp: root.join("tmp"),
             queue: root.join("queue"),
@@ -150,9 +223,9 @@ impl Spool {
             failed: root.join("failed"),
             deleted: root.join("deleted"),
             corrupt: root.join("corrupt"),
-            count: AtomicUsize::new(0),
+            count,
             max_messages,
-            committed_tx: tx,
+            publisher: Mutex::new(ptx),
             committed_rx: Mutex::new(Some(rx)),
         };
         for d in [
@@ -313,19 +386,6 @@ impl Spool {
             file: tokio::io::BufWriter::with_capacity(128 * 1024, file),
             written: 0,
         })
-    }
-
-    /// Makes a fully written, fsynced message visible in `queue/` (steps 3-4 of the protocol).
-    fn publish(&self, id: &str) -> io::Result<()> {
-        std::fs::rename(
-            self.tmp.join(format!("{id}.eml")),
-            self.queue.join(format!("{id}.eml")),
-        )?;
-        std::fs::rename(
-            self.tmp.join(format!("{id}.json")),
-            self.queue.join(format!("{id}.json")),
-        )?;
-        fsync_dir(&self.queue)
     }
 
     fn write_file_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -551,17 +611,35 @@ impl MessageWriter {
         let id = self.id.clone();
         let tmp_meta = self.path.with_extension("json");
         drop(self.file);
-        let result = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            Spool::write_file_synced(&tmp_meta, &meta.encode())?;
-            spool.publish(&meta.id)?;
-            spool.count.fetch_add(1, Ordering::SeqCst);
-            let _ = spool
-                .committed_tx
-                .send((meta.id.clone(), meta.account.clone()));
-            Ok(())
+        let written = tokio::task::spawn_blocking(move || {
+            Spool::write_file_synced(&tmp_meta, &meta.encode()).map(|_| meta.account)
         })
         .await
         .map_err(|e| SpoolError::Io(io::Error::other(e.to_string())))?;
+        let result = match written {
+            Ok(account) => {
+                let (done, wait) = tokio::sync::oneshot::channel();
+                let sent = spool
+                    .publisher
+                    .lock()
+                    .map_err(|_| io::Error::other("spool publisher lock poisoned"))
+                    .and_then(|p| {
+                        p.send(PublishRequest {
+                            id: id.clone(),
+                            account,
+                            done,
+                        })
+                        .map_err(|_| io::Error::other("spool publisher stopped"))
+                    });
+                match sent {
+                    Ok(()) => wait
+                        .await
+                        .unwrap_or_else(|_| Err(io::Error::other("spool publisher stopped"))),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
         match result {
             Ok(()) => Ok(id),
             Err(e) => {
