@@ -175,10 +175,7 @@ async fn health_readiness_metrics_and_auth_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn queue_api_hold_release_delete_retry() {
     let h = Http::start("", "").await;
-    let capture = h.relay.path("capture");
-    wait_exists(&capture).await;
-    std::fs::remove_dir_all(&capture).unwrap();
-    std::fs::write(&capture, b"broken").unwrap();
+    let capture = break_capture(&h.relay).await;
     let id = submit_smtp(&h.relay, "queued one").await;
     wait_for("a failed attempt", async || {
         h.get_json(&format!("/api/v1/queue/{id}")).await["attempts"] == 1
@@ -261,8 +258,7 @@ async fn queue_api_hold_release_delete_retry() {
             .exists()
     );
     // A slip is recoverable: retry brings it back, and it is delivered once the folder works.
-    std::fs::remove_file(&capture).unwrap();
-    std::fs::create_dir(&capture).unwrap();
+    repair_capture(&capture);
     assert_eq!(
         h.post(&format!("/api/v1/queue/{id}/retry"), Some(TOKEN))
             .await
@@ -475,10 +471,7 @@ async fn metrics_follow_a_scripted_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn status_page_escapes_and_protects_its_buttons() {
     let h = Http::start("", "").await;
-    let capture = h.relay.path("capture");
-    wait_exists(&capture).await;
-    std::fs::remove_dir_all(&capture).unwrap();
-    std::fs::write(&capture, b"broken").unwrap();
+    break_capture(&h.relay).await;
     let id = submit_smtp(&h.relay, "<script>alert(1)</script>").await;
     wait_for("attempt", async || {
         h.get_json(&format!("/api/v1/queue/{id}")).await["attempts"] == 1

@@ -484,11 +484,7 @@ async fn shutdown_sends_421_and_keeps_queued_mail() {
 #[tokio::test(flavor = "multi_thread")]
 async fn temporary_delivery_failure_is_retried_then_delivered() {
     let relay = TestRelay::start(&basic_config("")).await;
-    let capture = relay.path("capture");
-    wait_exists(&capture).await;
-    // Break the capture folder: a file where the folder should be.
-    std::fs::remove_dir_all(&capture).unwrap();
-    std::fs::write(&capture, b"not a folder").unwrap();
+    let capture = break_capture(&relay).await;
     let mut c = Dialog::connect(relay.addr()).await;
     c.expect("220").await;
     c.cmd("EHLO d", "250").await;
@@ -515,8 +511,7 @@ async fn temporary_delivery_failure_is_retried_then_delivered() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    std::fs::remove_file(&capture).unwrap();
-    std::fs::create_dir(&capture).unwrap();
+    repair_capture(&capture);
     let got = wait_captured(&capture, 1).await;
     assert_eq!(got[0].0, id);
 }
@@ -529,10 +524,7 @@ async fn expired_message_moves_to_failed() {
         "retry_initial = \"200ms\"\nmax_age = \"1s\"",
     );
     let relay = TestRelay::start(&cfg).await;
-    let capture = relay.path("capture");
-    wait_exists(&capture).await;
-    std::fs::remove_dir_all(&capture).unwrap();
-    std::fs::write(&capture, b"not a folder").unwrap();
+    let capture = break_capture(&relay).await;
     let mut c = Dialog::connect(relay.addr()).await;
     c.expect("220").await;
     c.cmd("EHLO d", "250").await;

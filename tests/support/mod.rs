@@ -226,6 +226,21 @@ dir = "{{dir}}/capture"
     )
 }
 
+/// Breaks capture delivery (a file where the capture folder should be) so mail stays queued;
+/// returns the folder's path. Undo with [`repair_capture`].
+pub async fn break_capture(relay: &TestRelay) -> PathBuf {
+    let capture = relay.path("capture");
+    wait_exists(&capture).await;
+    std::fs::remove_dir_all(&capture).unwrap();
+    std::fs::write(&capture, b"not a folder").unwrap();
+    capture
+}
+
+pub fn repair_capture(capture: &Path) {
+    std::fs::remove_file(capture).unwrap();
+    std::fs::create_dir(capture).unwrap();
+}
+
 /// Waits until `path` exists (the relay creates its folders as it starts).
 pub async fn wait_exists(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
