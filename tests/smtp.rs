@@ -524,7 +524,7 @@ async fn expired_message_moves_to_failed() {
         "retry_initial = \"200ms\"\nmax_age = \"1s\"",
     );
     let relay = TestRelay::start(&cfg).await;
-    let capture = break_capture(&relay).await;
+    break_capture(&relay).await;
     let mut c = Dialog::connect(relay.addr()).await;
     c.expect("220").await;
     c.cmd("EHLO d", "250").await;
