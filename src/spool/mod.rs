@@ -755,13 +755,19 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn moves_between_areas_survive_a_crash_halfway() {
+    /// A fresh spool in a temporary folder holding one committed message.
+    async fn spool_with_one_message() -> (tempfile::TempDir, Arc<Spool>, String) {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path(), 10).unwrap();
         let spool = Arc::new(spool);
         let w = spool.create().await.unwrap();
         let id = w.commit(&spool, meta()).await.unwrap();
+        (dir, spool, id)
+    }
+
+    #[tokio::test]
+    async fn moves_between_areas_survive_a_crash_halfway() {
+        let (dir, spool, id) = spool_with_one_message().await;
         spool
             .move_message(&id, Area::Queue, Area::Hold, None)
             .unwrap();
@@ -787,11 +793,7 @@ mod tests {
 
     #[tokio::test]
     async fn deleted_messages_are_pruned_after_keep() {
-        let dir = tempfile::tempdir().unwrap();
-        let (spool, _) = Spool::open(dir.path(), 10).unwrap();
-        let spool = Arc::new(spool);
-        let w = spool.create().await.unwrap();
-        let id = w.commit(&spool, meta()).await.unwrap();
+        let (_dir, spool, id) = spool_with_one_message().await;
         spool
             .move_message(&id, Area::Queue, Area::Deleted, None)
             .unwrap();
