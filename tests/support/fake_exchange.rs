@@ -190,6 +190,11 @@ impl FakeExchange {
         self.state.delivered.lock().unwrap().clone()
     }
 
+    /// How many messages were accepted (without copying them, for polling under load).
+    pub fn delivered_count(&self) -> usize {
+        self.state.delivered.lock().unwrap().len()
+    }
+
     pub fn faults(&self) -> std::sync::MutexGuard<'_, Faults> {
         self.state.faults.lock().unwrap()
     }

@@ -415,3 +415,15 @@ impl Dialog {
         r.trim().rsplit(' ').next().unwrap().to_string()
     }
 }
+
+/// Files in a spool's `tmp/` that hold data (spare files are kept there, emptied, for reuse).
+pub fn partial_files(tmp: &Path) -> Vec<String> {
+    std::fs::read_dir(tmp)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
