@@ -1,6 +1,8 @@
 //! The real `exorelay` binary: `check` on bad configs, `hash-password`, logs without secrets,
 //! SIGTERM, and a kill -9 loop that proves no acknowledged message is ever lost.
 
+mod support;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -210,7 +212,7 @@ impl Relay {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !support::greets(port) {
             assert!(
                 Instant::now() < deadline,
                 "relay did not start; log: {}",
@@ -426,7 +428,7 @@ fn kill_9_never_loses_an_acknowledged_message() {
         assert!(Instant::now() < deadline, "spool did not drain");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let partial = partial_files(&dir.path().join("spool/tmp"));
+    let partial = support::partial_files(&dir.path().join("spool/tmp"));
     assert!(partial.is_empty(), "files left in spool/tmp: {partial:?}");
     assert_eq!(
         std::fs::read_dir(dir.path().join("spool/corrupt"))
@@ -436,16 +438,4 @@ fn kill_9_never_loses_an_acknowledged_message() {
         "files quarantined"
     );
     assert!(relay.sigterm().success());
-}
-
-/// Files in a spool's `tmp/` that hold data (spare files are kept there, emptied, for reuse).
-fn partial_files(tmp: &Path) -> Vec<String> {
-    std::fs::read_dir(tmp)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }

@@ -71,16 +71,7 @@ fn start(cfg: &std::path::Path, dir: &std::path::Path, port: u16) -> Child {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    // Ready means answering with a banner, not merely a bound port.
-    let ready = || -> bool {
-        let Ok(s) = TcpStream::connect(("127.0.0.1", port)) else {
-            return false;
-        };
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("220")
-    };
-    while !ready() {
+    while !support::greets(port) {
         assert!(Instant::now() < deadline, "relay did not start");
         std::thread::sleep(Duration::from_millis(10));
     }

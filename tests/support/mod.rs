@@ -427,3 +427,18 @@ pub fn partial_files(tmp: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// True if an SMTP server on loopback `port` sends its 220 greeting. A relay binary binds its
+/// sockets before start-up work (spool recovery), so a bound port alone does not mean ready.
+pub fn greets(port: u16) -> bool {
+    use std::io::BufRead;
+    let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    let mut line = String::new();
+    let greeted =
+        std::io::BufReader::new(&s).read_line(&mut line).is_ok() && line.starts_with("220");
+    let _ = (&s).write_all(b"QUIT\r\n");
+    greeted
+}
