@@ -5,6 +5,7 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use support::fake_exchange::*;
@@ -433,7 +434,20 @@ async fn send_as_denied_pauses_with_advice_then_delivers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_refused_recipient_does_not_stop_the_others_and_gets_a_dsn() {
+    refused_recipient(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_pipelining_commands_go_one_at_a_time_with_the_same_results() {
+    refused_recipient(false).await;
+}
+
+/// A message to three recipients, the middle one refused, toward a server that does or does
+/// not offer PIPELINING: the same outcomes either way, and one connection for the message and
+/// its DSN (the refusal left the connection in step).
+async fn refused_recipient(pipelining: bool) {
     let fake = FakeExchange::start().await;
+    fake.state.pipelining.store(pipelining, Ordering::SeqCst);
     let c = creds(&fake, SECRET);
     let relay = TestRelay::start(&relay_config(&account(&fake, &c, "secret", ""), "")).await;
     fake.faults().rcpt_reject.insert(
@@ -482,6 +496,13 @@ async fn one_refused_recipient_does_not_stop_the_others_and_gets_a_dsn() {
         .collect();
     assert_eq!(statuses, ["delivered", "failed", "delivered"]);
     wait_spool_empty(&relay).await;
+    let groups = fake.state.pipelined_groups.load(Ordering::SeqCst);
+    if pipelining {
+        assert_eq!(groups, 2, "MAIL, RCPT and DATA of both messages in one write each");
+    } else {
+        assert_eq!(groups, 0, "a command sent before its turn");
+    }
+    assert_eq!(fake.state.sessions.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

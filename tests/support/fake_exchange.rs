@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -69,6 +69,12 @@ pub struct FakeState {
     pub throttle_replies: AtomicUsize,
     pub auth_forms: Mutex<Vec<&'static str>>,
     pub auth_before_tls: AtomicUsize,
+    /// Whether EHLO offers PIPELINING (Exchange Online does).
+    pub pipelining: AtomicBool,
+    /// MAIL commands that arrived with the next command already behind them (RFC 2920 groups).
+    pub pipelined_groups: AtomicUsize,
+    /// Sessions that authenticated: a client that stays in step reuses one.
+    pub sessions: AtomicUsize,
     app_cert_der: Vec<u8>,
     app_public_key: Vec<u8>,
 }
@@ -130,6 +136,9 @@ impl FakeExchange {
             throttle_replies: AtomicUsize::new(0),
             auth_forms: Mutex::new(Vec::new()),
             auth_before_tls: AtomicUsize::new(0),
+            pipelining: AtomicBool::new(true),
+            pipelined_groups: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
             app_cert_der: cert_der,
             app_public_key: public,
         });
@@ -416,14 +425,15 @@ impl Drop for ConnGuard {
     }
 }
 
-fn ehlo(tls: bool) -> String {
+fn ehlo(tls: bool, pipelining: bool) -> String {
     let last = if tls {
         "250-AUTH LOGIN XOAUTH2\r\n"
     } else {
         "250-STARTTLS\r\n"
     };
+    let pipelining = if pipelining { "250-PIPELINING\r\n" } else { "" };
     format!(
-        "250-fake.outlook.office365.com Hello [127.0.0.1]\r\n250-SIZE 157286400\r\n250-PIPELINING\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n{last}250-8BITMIME\r\n250-BINARYMIME\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
+        "250-fake.outlook.office365.com Hello [127.0.0.1]\r\n250-SIZE 157286400\r\n{pipelining}250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n{last}250-8BITMIME\r\n250-BINARYMIME\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
     )
 }
 
@@ -481,7 +491,7 @@ async fn smtp_session(
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
-            ehlo(tls)
+            ehlo(tls, st.pipelining.load(Ordering::SeqCst))
         } else if upper == "STARTTLS" {
             io.get_mut()
                 .write_all(b"220 2.0.0 SMTP server ready\r\n")
@@ -531,6 +541,7 @@ async fn smtp_session(
                         };
                         if admitted {
                             guard.mailbox = Some(user);
+                            st.sessions.fetch_add(1, Ordering::SeqCst);
                         }
                         if !admitted {
                             st.throttle_replies.fetch_add(1, Ordering::SeqCst);
@@ -544,6 +555,9 @@ async fn smtp_session(
                 }
             }
         } else if upper.starts_with("MAIL FROM:") {
+            if !io.buffer().is_empty() {
+                st.pipelined_groups.fetch_add(1, Ordering::SeqCst);
+            }
             if guard.mailbox.is_none() {
                 "530 5.7.57 Client not authenticated to send mail. [FAKE]\r\n".into()
             } else if let Some(f) = pop_mail_fault(&st) {
