@@ -412,6 +412,26 @@ fn main() {
     rt.block_on(run(a));
 }
 
+/// The fake Exchange on a runtime of its own, with as many threads as the load generator's:
+/// Exchange is another machine, and on the load generator's runtime the fake's replies would
+/// queue behind its client tasks.
+fn fake_on_its_own_runtime() -> support::fake_exchange::FakeExchange {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("fake-exchange")
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _ = tx.send(support::fake_exchange::FakeExchange::start().await);
+            std::future::pending::<()>().await
+        });
+    });
+    rx.recv().expect("the fake Exchange started")
+}
+
 async fn run(a: Args) {
     exorelay::tls::install_provider();
     let dir = tempfile::tempdir().unwrap();
@@ -421,7 +441,7 @@ async fn run(a: Args) {
         .unwrap()
         .port();
     let fake = if a.upstream == "exchange" || a.direct {
-        let f = support::fake_exchange::FakeExchange::start().await;
+        let f = fake_on_its_own_runtime();
         f.set_rate(usize::MAX, Duration::from_secs(60));
         Some(f)
     } else {

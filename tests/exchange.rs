@@ -498,7 +498,10 @@ async fn refused_recipient(pipelining: bool) {
     wait_spool_empty(&relay).await;
     let groups = fake.state.pipelined_groups.load(Ordering::SeqCst);
     if pipelining {
-        assert_eq!(groups, 2, "MAIL, RCPT and DATA of both messages in one write each");
+        assert_eq!(
+            groups, 2,
+            "MAIL, RCPT and DATA of both messages in one write each"
+        );
     } else {
         assert_eq!(groups, 0, "a command sent before its turn");
     }
@@ -753,4 +756,64 @@ async fn messages_with_many_recipients_are_split() {
         "every part carries the same message"
     );
     wait_spool_empty(&relay).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_waiting_for_a_connection_do_not_go_out_behind_a_throttle() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    // One connection, so a second attempt is always waiting for it; rate_window (the wait after
+    // a throttle reply) is 1 s.
+    let relay = TestRelay::start(&relay_config(
+        &account(&fake, &c, "secret", "max_connections = 1"),
+        "",
+    ))
+    .await;
+    {
+        let mut f = fake.faults();
+        f.mail_once.push_back(
+            "421 4.4.2 Message submission rate for this client has exceeded the configured limit"
+                .into(),
+        );
+        // Slow enough that the next messages are dispatched and waiting meanwhile.
+        f.mail_fault_delay = Duration::from_millis(500);
+    }
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let body = format!("Subject: burst {i}\r\n\r\nx\r\n");
+        ids.push(
+            submit(
+                &relay,
+                "scanner@printer.local",
+                &["boss@contoso.com"],
+                body.as_bytes(),
+            )
+            .await,
+        );
+    }
+    wait_delivered(&fake, 4, 30).await;
+    wait_spool_empty(&relay).await;
+    let log = fake.state.mail_log.lock().unwrap().clone();
+    let throttled = log
+        .iter()
+        .find(|(_, code)| *code == 421)
+        .map(|(t, _)| *t)
+        .expect("the throttle reply was given");
+    for (t, code) in &log {
+        if *t > throttled {
+            assert!(
+                t.duration_since(throttled) >= Duration::from_millis(900),
+                "MAIL ({code}) {:?} after the throttle reply: {log:?}",
+                t.duration_since(throttled)
+            );
+        }
+    }
+    assert_eq!(log.iter().filter(|(_, c)| *c == 250).count(), 4, "{log:?}");
+    let logs = logs();
+    assert!(
+        ids.iter().any(|id| logs
+            .lines()
+            .any(|l| l.contains(id) && l.contains("waited for a connection; back to the queue"))),
+        "an attempt waiting for the connection stood down"
+    );
 }

@@ -7,7 +7,9 @@
 //!   queued, so the worst case is one repeated attempt, never a lost message;
 //! - only recipients still pending are retried; temporary failures back off exponentially
 //!   (`retry_initial` doubling up to `retry_max`, ±10 % jitter) until `max_age`;
-//! - at most `max_connections` attempts run at once per account;
+//! - at most `max_connections` attempts talk to an account's upstream at once; twice as many
+//!   may be in flight, so reading a message from the spool and recording its outcome overlap
+//!   another message's transmission instead of leaving a connection idle;
 //! - an account can be throttled (Exchange's rate limits: wait, count no failure), paused (a
 //!   configuration error: keep mail queued, try one message every `probe_interval`) or held
 //!   (daily recipient quota). Its state and the advice that goes with it are in [`Status`].
@@ -18,6 +20,7 @@ pub mod status;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -36,7 +39,16 @@ pub use status::{AccountState, Status};
 
 struct Account {
     upstream: Arc<dyn Upstream>,
+    /// Attempts in flight (2 x `max_connections`).
     slots: Arc<Semaphore>,
+    /// Attempts talking to the upstream (`max_connections`).
+    connections: Arc<Semaphore>,
+    /// Bumped by an attempt the moment its upstream signals a block (throttle, pause, quota),
+    /// so attempts dispatched before it stand down instead of going out behind it.
+    block_epoch: Arc<AtomicU64>,
+    /// The block epoch whose signals `finished` has applied; while it lags, a block is known to
+    /// have happened but not yet how long it lasts, so nothing new is dispatched.
+    applied_epoch: u64,
     /// Due messages waiting for a free slot or for the account to be usable again.
     waiting: VecDeque<String>,
     /// When the account may send again (throttled, paused, held); `None` when active.
@@ -121,6 +133,9 @@ struct Done {
     retry_at: Option<DateTime<Utc>>,
     signal: Option<AccountSignal>,
     delivered: usize,
+    /// Never reached the upstream: its account was blocked while it waited for a connection.
+    /// Says nothing about the account's state.
+    stood_down: bool,
 }
 
 /// Builds the upstream for one account.
@@ -173,7 +188,10 @@ impl Forwarder {
                 a.name.clone(),
                 Account {
                     upstream,
-                    slots: Arc::new(Semaphore::new(a.max_connections)),
+                    slots: Arc::new(Semaphore::new(a.max_connections.saturating_mul(2))),
+                    connections: Arc::new(Semaphore::new(a.max_connections)),
+                    block_epoch: Arc::new(AtomicU64::new(0)),
+                    applied_epoch: 0,
                     waiting: VecDeque::new(),
                     blocked_until: None,
                     paused: false,
@@ -445,10 +463,16 @@ impl Forwarder {
 
     /// Applies what an attempt learnt about its account.
     fn finished(&mut self, done: &Done) {
+        if done.stood_down {
+            return;
+        }
         let probe = self.config.queue.probe_interval;
         let Some(a) = self.accounts.get_mut(&done.account) else {
             return;
         };
+        if done.signal.is_some() {
+            a.applied_epoch = a.block_epoch.load(Ordering::SeqCst);
+        }
         a.probing = false;
         let now = Utc::now();
         let chrono_dur =
@@ -539,7 +563,9 @@ impl Forwarder {
         let now = Utc::now();
         for (name, account) in self.accounts.iter_mut() {
             let mut limit = usize::MAX;
-            if account.held_by_admin {
+            if account.held_by_admin
+                || account.block_epoch.load(Ordering::SeqCst) != account.applied_epoch
+            {
                 continue;
             }
             if let Some(until) = account.blocked_until {
@@ -565,6 +591,11 @@ impl Forwarder {
                 };
                 limit -= 1;
                 self.in_flight.insert(id.clone());
+                let gate = Gate {
+                    connections: account.connections.clone(),
+                    epoch: account.block_epoch.load(Ordering::SeqCst),
+                    block_epoch: account.block_epoch.clone(),
+                };
                 let (spool, upstream, config, done_tx, name, metrics, status) = (
                     self.spool.clone(),
                     account.upstream.clone(),
@@ -581,7 +612,7 @@ impl Forwarder {
                         metrics: &metrics,
                         status: &status,
                     };
-                    let done = attempt(&ctx, upstream.as_ref(), &id, &name).await;
+                    let done = attempt(&ctx, upstream.as_ref(), &gate, &id, &name).await;
                     drop(permit);
                     let _ = done_tx.send(done);
                 });
@@ -599,7 +630,40 @@ struct AttemptCtx<'a> {
     status: &'a Status,
 }
 
-async fn attempt(ctx: &AttemptCtx<'_>, upstream: &dyn Upstream, id: &str, account: &str) -> Done {
+/// An attempt's way to its account's upstream.
+struct Gate {
+    connections: Arc<Semaphore>,
+    /// The account's block epoch when the attempt was dispatched.
+    epoch: u64,
+    block_epoch: Arc<AtomicU64>,
+}
+
+impl Gate {
+    /// Runs `deliver` on a free connection; `None` if the account was blocked since dispatch.
+    async fn deliver(
+        &self,
+        upstream: &dyn Upstream,
+        job: &Job<'_>,
+    ) -> Option<crate::upstream::Attempt> {
+        let _connection = self.connections.acquire().await;
+        if self.block_epoch.load(Ordering::SeqCst) != self.epoch {
+            return None;
+        }
+        let result = upstream.deliver(job).await;
+        if result.signal.is_some() {
+            self.block_epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        Some(result)
+    }
+}
+
+async fn attempt(
+    ctx: &AttemptCtx<'_>,
+    upstream: &dyn Upstream,
+    gate: &Gate,
+    id: &str,
+    account: &str,
+) -> Done {
     let (spool, config) = (ctx.spool, ctx.config);
     let gone = |signal| Done {
         id: id.to_string(),
@@ -607,6 +671,7 @@ async fn attempt(ctx: &AttemptCtx<'_>, upstream: &dyn Upstream, id: &str, accoun
         retry_at: None,
         signal,
         delivered: 0,
+        stood_down: false,
     };
     let mut meta = {
         let (spool, owned_id) = (spool.clone(), id.to_string());
@@ -630,7 +695,18 @@ async fn attempt(ctx: &AttemptCtx<'_>, upstream: &dyn Upstream, id: &str, accoun
             signal: None,
         }
     } else {
-        upstream.deliver(&job).await
+        match gate.deliver(upstream, &job).await {
+            Some(r) => r,
+            None => {
+                // Back to the queue untouched; the account's gate decides when it goes.
+                tracing::debug!(queue_id = %id, %account, "account blocked while this message waited for a connection; back to the queue");
+                return Done {
+                    retry_at: Some(Utc::now()),
+                    stood_down: true,
+                    ..gone(None)
+                };
+            }
+        }
     };
     let recipients = job.recipients;
 
@@ -791,6 +867,7 @@ async fn attempt(ctx: &AttemptCtx<'_>, upstream: &dyn Upstream, id: &str, accoun
         retry_at,
         signal: result.signal,
         delivered,
+        stood_down: false,
     }
 }
 

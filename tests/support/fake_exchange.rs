@@ -48,6 +48,8 @@ pub struct Faults {
     /// Close the connection after each accepted message (forces the relay to reconnect).
     pub close_after_data: bool,
     pub rcpt_reject: HashMap<String, String>,
+    /// How long a scripted MAIL reply (`mail_once`) takes, as a busy server's would.
+    pub mail_fault_delay: Duration,
 }
 
 pub struct FakeState {
@@ -75,6 +77,8 @@ pub struct FakeState {
     pub pipelined_groups: AtomicUsize,
     /// Sessions that authenticated: a client that stays in step reuses one.
     pub sessions: AtomicUsize,
+    /// Every MAIL FROM with when it came and the reply code it got.
+    pub mail_log: Mutex<Vec<(Instant, u16)>>,
     app_cert_der: Vec<u8>,
     app_public_key: Vec<u8>,
 }
@@ -139,6 +143,7 @@ impl FakeExchange {
             pipelining: AtomicBool::new(true),
             pipelined_groups: AtomicUsize::new(0),
             sessions: AtomicUsize::new(0),
+            mail_log: Mutex::new(Vec::new()),
             app_cert_der: cert_der,
             app_public_key: public,
         });
@@ -561,6 +566,10 @@ async fn smtp_session(
             if guard.mailbox.is_none() {
                 "530 5.7.57 Client not authenticated to send mail. [FAKE]\r\n".into()
             } else if let Some(f) = pop_mail_fault(&st) {
+                let delay = st.faults.lock().unwrap().mail_fault_delay;
+                tokio::time::sleep(delay).await;
+                let code = f.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+                st.mail_log.lock().unwrap().push((Instant::now(), code));
                 let close = f.starts_with("421");
                 io.get_mut()
                     .write_all(format!("{f}\r\n").as_bytes())
@@ -584,10 +593,12 @@ async fn smtp_session(
                     r.2.len() >= limit
                 };
                 if over {
+                    st.mail_log.lock().unwrap().push((Instant::now(), 421));
                     st.throttle_replies.fetch_add(1, Ordering::SeqCst);
                     io.get_mut().write_all(b"421 4.4.2 Message submission rate for this client has exceeded the configured limit\r\n").await?;
                     return Ok(());
                 }
+                st.mail_log.lock().unwrap().push((Instant::now(), 250));
                 let addr = cmd[10..].trim().trim_start_matches('<');
                 let addr = addr.split('>').next().unwrap_or("").to_string();
                 from = Some(addr);
