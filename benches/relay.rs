@@ -496,6 +496,7 @@ async fn run(a: Args) {
     }
     let warmup_captured = count_captured(&dir.path().join("capture"));
     let cpu0 = cpu_seconds(pid);
+    let (user0, system0) = cpu_split(pid);
     let delivered_before = fake.as_ref().map(|f| f.delivered_count()).unwrap_or(0);
 
     let start = Instant::now();
@@ -527,6 +528,7 @@ async fn run(a: Args) {
     let e2e_elapsed = start.elapsed();
     let cpu = cpu_seconds(pid) - cpu0;
     let (user, system) = cpu_split(pid);
+    let (user, system) = (user - user0, system - system0);
     let peak_rss = proc_field(pid, "VmHWM:");
     let _ = Command::new("kill").arg(pid.to_string()).status();
     let _ = child.wait();
@@ -575,6 +577,7 @@ async fn run(a: Args) {
         println!(
             "  fake driven directly{d:>10.1} msg/s (STARTTLS + XOAUTH2 per connection, 3 at once)"
         );
+        println!("  e2e / direct        {:>10.0} %", 100.0 * e2e_rate / d);
     }
     println!(
         "  relay CPU           {cpu:>10.2} s ({cpu_accept:.2} s while accepting; user {user:.2} s, system {system:.2} s)"
@@ -595,7 +598,7 @@ async fn run(a: Args) {
     let json = serde_json::json!({
         "messages": a.messages, "size": a.size, "concurrency": a.concurrency, "per_connection": a.per_connection, "upstream": a.upstream,
         "accepted_msg_per_s": accepted_rate, "accept_latency_p50_ms": ms(percentile(&lat, 0.5)), "accept_latency_p99_ms": ms(percentile(&lat, 0.99)),
-        "delivered_msg_per_s": e2e_rate, "delivered_during_accept": delivered_during_accept, "direct_fake_msg_per_s": direct_rate, "relay_cpu_s": cpu, "relay_cpu_accept_s": cpu_accept,
+        "delivered_msg_per_s": e2e_rate, "delivered_during_accept": delivered_during_accept, "direct_fake_msg_per_s": direct_rate, "e2e_over_direct": direct_rate.map(|d| e2e_rate / d), "relay_cpu_s": cpu, "relay_cpu_accept_s": cpu_accept,
         "idle_rss_mb": idle_rss as f64 / 1024.0, "peak_rss_mb": peak_rss as f64 / 1024.0,
         "missing": missing, "corrupt": corrupt, "duplicates": dups,
     });

@@ -70,6 +70,19 @@ rate_window = "1s"
     )
 }
 
+/// Exchange's reply when the mailbox sends too fast.
+const RATE_LIMITED: &str =
+    "421 4.4.2 Message submission rate for this client has exceeded the configured limit";
+
+/// A relay whose Exchange account uses a single connection.
+async fn one_connection_relay(fake: &FakeExchange, c: &Creds) -> TestRelay {
+    TestRelay::start(&relay_config(
+        &account(fake, c, "secret", "max_connections = 1"),
+        "",
+    ))
+    .await
+}
+
 fn relay_config(account_block: &str, queue_extra: &str) -> String {
     format!(
         r#"
@@ -272,18 +285,11 @@ async fn one_token_request_per_expiry_however_many_deliveries() {
 async fn temporary_faults_are_retried_and_throttling_is_not_a_failure() {
     let fake = FakeExchange::start().await;
     let c = creds(&fake, SECRET);
-    let relay = TestRelay::start(&relay_config(
-        &account(&fake, &c, "secret", "max_connections = 1"),
-        "",
-    ))
-    .await;
+    let relay = one_connection_relay(&fake, &c).await;
     {
         let mut f = fake.faults();
         f.mail_once.push_back("432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more information. [X]".into());
-        f.mail_once.push_back(
-            "421 4.4.2 Message submission rate for this client has exceeded the configured limit"
-                .into(),
-        );
+        f.mail_once.push_back(RATE_LIMITED.into());
         f.data_end_once.push_back(
             "451 4.7.500 Server busy. Please try again later from [1.2.3.4]. (AS770)".into(),
         );
@@ -325,11 +331,7 @@ async fn temporary_faults_are_retried_and_throttling_is_not_a_failure() {
 async fn token_refused_by_exchange_is_refreshed_once() {
     let fake = FakeExchange::start().await;
     let c = creds(&fake, SECRET);
-    let relay = TestRelay::start(&relay_config(
-        &account(&fake, &c, "secret", "max_connections = 1"),
-        "",
-    ))
-    .await;
+    let relay = one_connection_relay(&fake, &c).await;
     fake.faults().close_after_data = true;
     submit(
         &relay,
@@ -764,17 +766,10 @@ async fn messages_waiting_for_a_connection_do_not_go_out_behind_a_throttle() {
     let c = creds(&fake, SECRET);
     // One connection, so a second attempt is always waiting for it; rate_window (the wait after
     // a throttle reply) is 1 s.
-    let relay = TestRelay::start(&relay_config(
-        &account(&fake, &c, "secret", "max_connections = 1"),
-        "",
-    ))
-    .await;
+    let relay = one_connection_relay(&fake, &c).await;
     {
         let mut f = fake.faults();
-        f.mail_once.push_back(
-            "421 4.4.2 Message submission rate for this client has exceeded the configured limit"
-                .into(),
-        );
+        f.mail_once.push_back(RATE_LIMITED.into());
         // Slow enough that the next messages are dispatched and waiting meanwhile.
         f.mail_fault_delay = Duration::from_millis(500);
     }

@@ -72,6 +72,14 @@ impl std::fmt::Display for Pipelined {
     }
 }
 
+/// `outcomes` with every recipient still without one given `fill`.
+fn fill_pending(outcomes: Vec<Option<Outcome>>, fill: &Outcome) -> Vec<Outcome> {
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| fill.clone()))
+        .collect()
+}
+
 /// What the envelope phase (MAIL, RCPT, DATA) of a transaction left.
 enum Envelope {
     /// DATA was answered 354: send the message; `None` entries are the accepted recipients.
@@ -454,14 +462,7 @@ impl Exchange {
                 Err(_) => {
                     conn.abort().await;
                     let fill = Outcome::Temporary(timed_out("the reply to RCPT TO"));
-                    return (
-                        outcomes
-                            .into_iter()
-                            .map(|o| o.unwrap_or_else(|| fill.clone()))
-                            .collect(),
-                        signal,
-                        false,
-                    );
+                    return (fill_pending(outcomes, &fill), signal, false);
                 }
             }
         }
@@ -479,14 +480,7 @@ impl Exchange {
             {
                 self.put_back(conn, token);
             }
-            return (
-                outcomes
-                    .into_iter()
-                    .map(|o| o.unwrap_or_else(|| fill.clone()))
-                    .collect(),
-                signal,
-                false,
-            );
+            return (fill_pending(outcomes, &fill), signal, false);
         }
         self.send_body(conn, token, outcomes, signal, message, false)
             .await
@@ -540,14 +534,7 @@ impl Exchange {
         }
         let timeout = |what: &str, outcomes: Vec<Option<Outcome>>| {
             let fill = Outcome::Temporary(timed_out(what));
-            Envelope::Done((
-                outcomes
-                    .into_iter()
-                    .map(|o| o.unwrap_or_else(|| fill.clone()))
-                    .collect(),
-                None,
-                false,
-            ))
+            Envelope::Done((fill_pending(outcomes, &fill), None, false))
         };
         let mail_error = match first {
             Ok(Ok(_)) => None,
@@ -600,10 +587,7 @@ impl Exchange {
                     Outcome::Temporary("connection closed after DATA".into())
                 };
                 Ok(Envelope::Done((
-                    outcomes
-                        .into_iter()
-                        .map(|o| o.unwrap_or_else(|| fill.clone()))
-                        .collect(),
+                    fill_pending(outcomes, &fill),
                     signal,
                     false,
                 )))
@@ -627,10 +611,7 @@ impl Exchange {
                     conn.abort().await;
                 }
                 Ok(Envelope::Done((
-                    outcomes
-                        .into_iter()
-                        .map(|o| o.unwrap_or_else(|| fill.clone()))
-                        .collect(),
+                    fill_pending(outcomes, &fill),
                     signal,
                     false,
                 )))
