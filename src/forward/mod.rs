@@ -832,12 +832,13 @@ async fn attempt(
                 );
                 send_dsn(spool, config, &meta).await;
             } else if pending_left == 0 {
-                ctx.metrics.delivered.get_or_create(&label).inc();
+                // Latency first: a scrape that sees the delivery also sees its latency.
                 let latency = (now - meta.received_at).to_std().unwrap_or_default();
                 ctx.metrics
                     .delivery_latency
                     .get_or_create(&label)
                     .observe(latency.as_secs_f64());
+                ctx.metrics.delivered.get_or_create(&label).inc();
                 ctx.status.event(
                     "delivered",
                     id,
