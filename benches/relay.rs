@@ -11,6 +11,8 @@
 //!   --warmup N [0]             first send N messages, unmeasured, and wait for their delivery
 //!   --direct                   also drive the fake Exchange directly (STARTTLS + XOAUTH2 per
 //!                              connection) for the baseline the relay is compared with
+//!
+//! The relay's spool and capture folder live in a fresh folder under `$TMPDIR` (default /tmp).
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -33,6 +35,23 @@ struct Args {
     warmup: usize,
 }
 
+const USAGE: &str = "usage: cargo bench --bench relay -- [--messages N] [--size BYTES] \
+[--concurrency C] [--per-connection M] [--upstream capture|exchange] [--warmup N] [--direct]";
+
+/// Says what is wrong with the command line and exits (status 2), like any command-line tool.
+fn usage(problem: &str) -> ! {
+    if !problem.is_empty() {
+        eprintln!("relay bench: {problem}");
+    }
+    eprintln!("{USAGE}");
+    std::process::exit(if problem.is_empty() { 0 } else { 2 })
+}
+
+fn number(option: &str, v: &str) -> usize {
+    v.parse()
+        .unwrap_or_else(|_| usage(&format!("{option} wants a whole number, not {v:?}")))
+}
+
 fn parse_size(s: &str) -> usize {
     let s = s.trim().to_ascii_uppercase();
     let (num, mult) = if let Some(n) = s.strip_suffix("MB").or_else(|| s.strip_suffix('M')) {
@@ -42,7 +61,7 @@ fn parse_size(s: &str) -> usize {
     } else {
         (s.as_str(), 1)
     };
-    num.parse::<usize>().expect("size") * mult
+    number("--size", num) * mult
 }
 
 fn args() -> Args {
@@ -57,19 +76,24 @@ fn args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| panic!("{k} needs a value"));
+        let mut val = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{k} needs a value")))
+        };
         match k.as_str() {
-            "--messages" => a.messages = val().parse().expect("--messages"),
+            "--messages" => a.messages = number(&k, &val()),
             "--size" => a.size = parse_size(&val()),
-            "--concurrency" => a.concurrency = val().parse().expect("--concurrency"),
-            "--per-connection" => {
-                a.per_connection = val().parse::<usize>().expect("--per-connection").max(1)
-            }
-            "--upstream" => a.upstream = val(),
+            "--concurrency" => a.concurrency = number(&k, &val()).max(1),
+            "--per-connection" => a.per_connection = number(&k, &val()).max(1),
+            "--upstream" => match val().as_str() {
+                u @ ("capture" | "exchange") => a.upstream = u.into(),
+                other => usage(&format!("--upstream is capture or exchange, not {other:?}")),
+            },
             "--direct" => a.direct = true,
-            "--warmup" => a.warmup = val().parse().expect("--warmup"),
+            "--warmup" => a.warmup = number(&k, &val()),
             "--bench" => {}
-            other => panic!("unknown option {other}; see the header of benches/relay.rs"),
+            "--help" | "-h" => usage(""),
+            other => usage(&format!("unknown option {other}")),
         }
     }
     a

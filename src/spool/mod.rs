@@ -63,9 +63,11 @@ impl SpoolError {
     }
 }
 
-/// How many emptied files the spool keeps for reuse; more than the messages in flight at once
-/// gains nothing, and each costs an inode.
-pub const MAX_SPARES: usize = 1024;
+/// How many emptied files the spool keeps for reuse: enough for a backlog of 4,096 messages
+/// (two files each) to drain without deleting an inode. Deleting is what makes creating
+/// expensive later (ext4 without a journal skips every inode freed in the last minute or more),
+/// and a spare costs only an empty inode and 8 bytes here.
+pub const MAX_SPARES: usize = 8192;
 
 /// The pool of emptied `tmp/spare-N` files.
 ///
@@ -73,7 +75,8 @@ pub const MAX_SPARES: usize = 1024;
 /// one writer; whatever file is in `tmp/` at startup was never acknowledged.
 struct Spares {
     tmp: PathBuf,
-    free: Mutex<Vec<PathBuf>>,
+    /// Numbers N of the emptied `spare-N` files.
+    free: Mutex<Vec<u64>>,
     next: AtomicU64,
 }
 
@@ -84,7 +87,17 @@ impl Spares {
     }
 
     fn take(&self) -> Option<PathBuf> {
-        self.free.lock().ok()?.pop()
+        let n = self.free.lock().ok()?.pop()?;
+        Some(self.tmp.join(format!("spare-{n}")))
+    }
+
+    /// N of a `tmp/spare-N` path.
+    fn number(path: &Path) -> Option<u64> {
+        path.file_name()?
+            .to_str()?
+            .strip_prefix("spare-")?
+            .parse()
+            .ok()
     }
 
     /// An empty file to write, open for writing: a spare one when there is one, else new.
@@ -116,14 +129,23 @@ impl Spares {
     /// Empties `path` (a file in `tmp/`) and keeps it for reuse, or removes it when the pool is
     /// full or it cannot be emptied. Never fails: a file it cannot handle is removed at startup.
     fn recycle(&self, path: PathBuf) {
-        let emptied = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_len(0));
-        if let (Ok(()), Ok(mut free)) = (emptied, self.free.lock())
+        self.keep(path, false);
+    }
+
+    /// `recycle`, skipping the truncate when the caller knows the file is empty already.
+    fn keep(&self, path: PathBuf, empty: bool) {
+        let emptied = if empty {
+            Ok(())
+        } else {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .and_then(|f| f.set_len(0))
+        };
+        if let (Ok(()), Some(n), Ok(mut free)) = (emptied, Self::number(&path), self.free.lock())
             && free.len() < MAX_SPARES
         {
-            free.push(path);
+            free.push(n);
             return;
         }
         let _ = std::fs::remove_file(&path);
@@ -543,7 +565,8 @@ impl Spool {
                 continue;
             }
             let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.metadata()?.len() > 0 {
+            let empty = entry.metadata()?.len() == 0;
+            if !empty {
                 out.removed += 1;
             }
             match name
@@ -552,7 +575,7 @@ impl Spool {
             {
                 Some(n) => {
                     highest = highest.max(n + 1);
-                    self.spares.recycle(entry.path());
+                    self.spares.keep(entry.path(), empty);
                 }
                 None => std::fs::remove_file(entry.path())?,
             }
