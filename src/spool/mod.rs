@@ -731,24 +731,40 @@ impl MessageWriter {
         spool: &std::sync::Arc<Spool>,
         mut meta: Meta,
     ) -> Result<String, SpoolError> {
-        self.file.flush().await.map_err(SpoolError::from_io)?;
-        self.file
-            .get_ref()
-            .sync_all()
-            .await
-            .map_err(SpoolError::from_io)?;
+        if let Err(e) = self.file.flush().await {
+            self.abort().await;
+            return Err(SpoolError::from_io(e));
+        }
         meta.id = self.id.clone();
         meta.size = self.written;
         let id = self.id.clone();
-        drop(self.file);
         let spares = self.spares.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            spares
-                .write_synced(&meta.encode())
-                .map(|path| (meta.account, path))
-        })
-        .await
-        .map_err(|e| SpoolError::Io(io::Error::other(e.to_string())))?;
+        // The body's fsync and the meta file's write + fsync are independent: run them on two
+        // blocking threads at once. Both must succeed before the message is published.
+        let (synced, written) = tokio::join!(
+            self.file.get_ref().sync_all(),
+            tokio::task::spawn_blocking(move || {
+                spares
+                    .write_synced(&meta.encode())
+                    .map(|path| (meta.account, path))
+            })
+        );
+        drop(self.file);
+        let written = written
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|w| w);
+        let written = match (synced, written) {
+            (Ok(()), w) => w,
+            (Err(e), Ok((_, meta))) => {
+                let _ = tokio::task::spawn_blocking({
+                    let spares = self.spares.clone();
+                    move || spares.recycle(meta)
+                })
+                .await;
+                Err(e)
+            }
+            (Err(e), Err(_)) => Err(e),
+        };
         let mut meta_path = None;
         let result = match written {
             Ok((account, meta)) => {
