@@ -753,21 +753,14 @@ impl MessageWriter {
         let written = written
             .map_err(|e| io::Error::other(e.to_string()))
             .and_then(|w| w);
-        let written = match (synced, written) {
-            (Ok(()), w) => w,
+        let mut meta_path = None;
+        let result = match (synced, written) {
             (Err(e), Ok((_, meta))) => {
-                let _ = tokio::task::spawn_blocking({
-                    let spares = self.spares.clone();
-                    move || spares.recycle(meta)
-                })
-                .await;
+                meta_path = Some(meta);
                 Err(e)
             }
-            (Err(e), Err(_)) => Err(e),
-        };
-        let mut meta_path = None;
-        let result = match written {
-            Ok((account, meta)) => {
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => Err(e),
+            (Ok(()), Ok((account, meta))) => {
                 meta_path = Some(meta.clone());
                 let (done, wait) = tokio::sync::oneshot::channel();
                 let sent = spool
@@ -791,7 +784,6 @@ impl MessageWriter {
                     Err(e) => Err(e),
                 }
             }
-            Err(e) => Err(e),
         };
         match result {
             Ok(()) => Ok(id),
