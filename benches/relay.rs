@@ -13,6 +13,9 @@
 //!                              connection) for the baseline the relay is compared with
 //!
 //! The relay's spool and capture folder live in a fresh folder under `$TMPDIR` (default /tmp).
+//! Before the relay starts, a disk probe rewrites and fsyncs 2,000 small files there from C
+//! threads (as the spool rewrites its recycled files) and prints the rate: the machine's disk
+//! varies from day to day, and the relay's figures only compare against the disk they ran on.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -456,9 +459,43 @@ fn fake_on_its_own_runtime() -> support::fake_exchange::FakeExchange {
     rx.recv().expect("the fake Exchange started")
 }
 
+/// Fsynced rewrites of 2 KB files per second in `dir` from `writers` threads at once.
+fn disk_probe(dir: &Path, writers: usize) -> f64 {
+    use std::io::Write;
+    let probe = dir.join("disk-probe");
+    std::fs::create_dir_all(&probe).unwrap();
+    const FILES: usize = 2000;
+    let paths: Vec<PathBuf> = (0..FILES).map(|i| probe.join(format!("f{i}"))).collect();
+    for p in &paths {
+        std::fs::write(p, b"").unwrap();
+    }
+    let data = vec![b'x'; 2048];
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for w in 0..writers.min(FILES) {
+            let (paths, data) = (&paths, &data);
+            s.spawn(move || {
+                for p in paths.iter().skip(w).step_by(writers) {
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(p)
+                        .unwrap();
+                    f.write_all(data).unwrap();
+                    f.sync_all().unwrap();
+                }
+            });
+        }
+    });
+    // The files stay until the bench's folder goes: freshly deleted inodes would slow the
+    // relay's own file creation (ext4 skips them for a while when allocating).
+    FILES as f64 / start.elapsed().as_secs_f64()
+}
+
 async fn run(a: Args) {
     exorelay::tls::install_provider();
     let dir = tempfile::tempdir().unwrap();
+    let disk_rate = disk_probe(dir.path(), a.concurrency);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -584,6 +621,10 @@ async fn run(a: Args) {
         "exorelay benchmark: {} messages of ~{} bytes, {} connections, {} per connection, upstream {}",
         a.messages, a.size, a.concurrency, a.per_connection, a.upstream
     );
+    println!(
+        "  disk probe          {disk_rate:>10.0} fsynced 2 KB rewrites/s ({} writers)",
+        a.concurrency
+    );
     println!("  accepted            {accepted_rate:>10.1} msg/s");
     println!(
         "  accept latency p50  {:>10.2} ms",
@@ -623,6 +664,7 @@ async fn run(a: Args) {
         "messages": a.messages, "size": a.size, "concurrency": a.concurrency, "per_connection": a.per_connection, "upstream": a.upstream,
         "accepted_msg_per_s": accepted_rate, "accept_latency_p50_ms": ms(percentile(&lat, 0.5)), "accept_latency_p99_ms": ms(percentile(&lat, 0.99)),
         "delivered_msg_per_s": e2e_rate, "delivered_during_accept": delivered_during_accept, "direct_fake_msg_per_s": direct_rate, "e2e_over_direct": direct_rate.map(|d| e2e_rate / d), "relay_cpu_s": cpu, "relay_cpu_accept_s": cpu_accept,
+        "disk_fsyncs_per_s": disk_rate,
         "idle_rss_mb": idle_rss as f64 / 1024.0, "peak_rss_mb": peak_rss as f64 / 1024.0,
         "missing": missing, "corrupt": corrupt, "duplicates": dups,
     });

@@ -98,7 +98,7 @@ pub async fn run(
     info!(
         spool = %config.queue.dir.display(),
         queued = recovered.messages.len(),
-        removed_incomplete = recovered.removed,
+        removed_unacknowledged = recovered.removed,
         quarantined = recovered.quarantined,
         "spool recovered"
     );

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     pub queue_oldest_age: Gauge<f64, AtomicU64>,
     pub held: Gauge,
+    pub spare_files: Gauge,
     pub smtp_sessions: Counter,
     pub smtp_active_sessions: Gauge,
     pub smtp_auth_failures: Counter,
@@ -67,6 +68,7 @@ impl Metrics {
             queue_depth: Gauge::default(),
             queue_oldest_age: Gauge::default(),
             held: Gauge::default(),
+            spare_files: Gauge::default(),
             smtp_sessions: Counter::default(),
             smtp_active_sessions: Gauge::default(),
             smtp_auth_failures: Counter::default(),
@@ -114,6 +116,11 @@ impl Metrics {
             m.queue_oldest_age.clone(),
         );
         registry.register("queue_held_messages", "Messages on hold", m.held.clone());
+        registry.register(
+            "spool_spare_files",
+            "Files kept in the spool's tmp/ for the next messages to reuse",
+            m.spare_files.clone(),
+        );
         registry.register(
             "smtp_sessions",
             "SMTP connections accepted",

@@ -347,8 +347,12 @@ fn logs_never_show_passwords_and_sigterm_is_clean() {
 #[test]
 fn kill_9_never_loses_an_acknowledged_message() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let config = config_for(dir.path(), port, "");
+    let (port, http_port) = (free_port(), free_port());
+    let config = config_for(
+        dir.path(),
+        port,
+        &format!("[http]\nlisten = \"127.0.0.1:{http_port}\"\n"),
+    );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let acked: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let rounds = 25;
@@ -428,8 +432,9 @@ fn kill_9_never_loses_an_acknowledged_message() {
         assert!(Instant::now() < deadline, "spool did not drain");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let partial = support::partial_files(&dir.path().join("spool/tmp"));
-    assert!(partial.is_empty(), "files left in spool/tmp: {partial:?}");
+    // Killed transfers leave no stray file: everything in tmp/ is a spare kept for reuse.
+    let strays = support::strays_in_tmp(&dir.path().join("spool/tmp"), http_port);
+    assert!(strays.is_empty(), "stray files in spool/tmp: {strays:?}");
     assert_eq!(
         std::fs::read_dir(dir.path().join("spool/corrupt"))
             .unwrap()

@@ -103,11 +103,16 @@ async fn kill_9_under_load_toward_exchange_loses_nothing() {
         .local_addr()
         .unwrap()
         .port();
+    let http_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let cfg = dir.path().join("exorelay.toml");
     std::fs::write(
         &cfg,
         format!(
-            "hostname = \"crash.test\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n[relay]\nallowed_networks = [\"127.0.0.1/32\"]\n[queue]\ndir = \"spool\"\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n[[account]]\nname = \"contoso\"\nkind = \"exchange\"\nmailbox = \"{MAILBOX}\"\ntenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\nauthority_url = \"{}\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nca_file = \"{}\"\nmax_connections = 3\nmax_messages_per_minute = 100000\n",
+            "hostname = \"crash.test\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n[relay]\nallowed_networks = [\"127.0.0.1/32\"]\n[http]\nlisten = \"127.0.0.1:{http_port}\"\n[queue]\ndir = \"spool\"\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n[[account]]\nname = \"contoso\"\nkind = \"exchange\"\nmailbox = \"{MAILBOX}\"\ntenant = \"{TENANT}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret_file = \"{}\"\nauthority_url = \"{}\"\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\nca_file = \"{}\"\nmax_connections = 3\nmax_messages_per_minute = 100000\n",
             secret.display(),
             fake.authority(),
             fake.smtp_addr.port(),
@@ -195,8 +200,9 @@ async fn kill_9_under_load_toward_exchange_loses_nothing() {
         duplicates <= rounds * 3,
         "{duplicates} duplicates is more than was in flight"
     );
-    let partial = support::partial_files(&dir.path().join("spool/tmp"));
-    assert!(partial.is_empty(), "files left in tmp/: {partial:?}");
+    // Killed transfers leave no stray file: everything in tmp/ is a spare kept for reuse.
+    let strays = support::strays_in_tmp(&dir.path().join("spool/tmp"), http_port);
+    assert!(strays.is_empty(), "stray files in tmp/: {strays:?}");
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
 }

@@ -287,6 +287,10 @@ async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>
     .unwrap_or((0, None, 0));
     state.metrics.queue_depth.set(depth as i64);
     state.metrics.held.set(held as i64);
+    state
+        .metrics
+        .spare_files
+        .set(state.spool.spare_files() as i64);
     let age = oldest
         .map(|t| (chrono::Utc::now() - t).num_milliseconds() as f64 / 1000.0)
         .unwrap_or(0.0);

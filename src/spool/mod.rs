@@ -20,10 +20,12 @@
 //! 5. only then may the SMTP session answer `250 ... queued as <ID>`.
 //!
 //! Files are recycled rather than created and deleted: a delivered message's two files are
-//! renamed back into `tmp/`, emptied, and reused for the next message. Creating and deleting an
-//! inode per file is the most expensive thing a busy spool does (on ext4 without a journal each
-//! new inode scans every inode freed in the last half minute), and a message's whole life then
-//! touches no inode allocator at all. At most [`MAX_SPARES`] emptied files are kept.
+//! renamed back into `tmp/` and reused for the next message. Creating and deleting an inode per
+//! file is the most expensive thing a busy spool does (on ext4 without a journal each new inode
+//! scans every inode freed in the last half minute), and a message's whole life then touches no
+//! inode allocator at all. At most [`MAX_SPARES`] spare files are kept. A small spare keeps its
+//! old bytes and is overwritten in place (emptying and refilling a file frees and reallocates
+//! its disk blocks every time); the next writer cuts it to its own length before the fsync.
 //!
 //! Steps 3-4 are group-committed: one publisher thread takes every commit that is ready, renames
 //! them all and fsyncs `queue/` once for the whole batch; each session gets its answer only after
@@ -69,15 +71,25 @@ impl SpoolError {
 /// and a spare costs only an empty inode and 8 bytes here.
 pub const MAX_SPARES: usize = 8192;
 
-/// The pool of emptied `tmp/spare-N` files.
+/// Spare files up to this size keep their stale bytes; larger ones are emptied, so that a
+/// delivered 20 MB message gives its disk space back.
+const KEEP_STALE: u64 = 64 * 1024;
+
+/// The pool of spare `tmp/spare-N` files.
 ///
-/// Contract: a file in the pool is empty and not part of any message; `take` hands it to exactly
-/// one writer; whatever file is in `tmp/` at startup was never acknowledged.
+/// Contract: a file in the pool is not part of any message (it is empty or holds at most
+/// [`KEEP_STALE`] stale bytes, its length recorded here); `take` hands it to exactly one writer,
+/// which writes from the start and cuts the file to its own length before fsyncing it;
+/// whatever file is in `tmp/` at startup was never acknowledged.
 struct Spares {
     tmp: PathBuf,
-    /// Numbers N of the emptied `spare-N` files.
-    free: Mutex<Vec<u64>>,
+    /// (N, stale length) of the spare `spare-N` files.
+    free: Mutex<Vec<(u64, u64)>>,
     next: AtomicU64,
+    /// Held while creating a file: creating takes `tmp/`'s directory lock, and many threads
+    /// creating at once spin on that lock in the kernel (a third of the relay's CPU when a burst
+    /// outgrows the pool); waiting here sleeps instead.
+    create: Mutex<()>,
 }
 
 impl Spares {
@@ -86,9 +98,9 @@ impl Spares {
         self.tmp.join(format!("spare-{n}"))
     }
 
-    fn take(&self) -> Option<PathBuf> {
-        let n = self.free.lock().ok()?.pop()?;
-        Some(self.tmp.join(format!("spare-{n}")))
+    fn take(&self) -> Option<(PathBuf, u64)> {
+        let (n, stale) = self.free.lock().ok()?.pop()?;
+        Some((self.tmp.join(format!("spare-{n}")), stale))
     }
 
     /// N of a `tmp/spare-N` path.
@@ -100,18 +112,16 @@ impl Spares {
             .ok()
     }
 
-    /// An empty file to write, open for writing: a spare one when there is one, else new.
-    fn open(&self) -> io::Result<(PathBuf, std::fs::File)> {
-        while let Some(path) = self.take() {
+    /// A file to write from its start, open for writing, with the length of its stale bytes:
+    /// a spare one when there is one, else a new one (stale length 0).
+    fn open(&self) -> io::Result<(PathBuf, std::fs::File, u64)> {
+        while let Some((path, stale)) = self.take() {
             // A spare that cannot be opened (removed by hand) is forgotten; the next one is tried.
-            if let Ok(f) = std::fs::OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(&path)
-            {
-                return Ok((path, f));
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
+                return Ok((path, f, stale));
             }
         }
+        let _one_at_a_time = self.create.lock();
         loop {
             let path = self.name();
             match std::fs::OpenOptions::new()
@@ -119,33 +129,37 @@ impl Spares {
                 .create_new(true)
                 .open(&path)
             {
-                Ok(f) => return Ok((path, f)),
+                Ok(f) => return Ok((path, f, 0)),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
         }
     }
 
-    /// Empties `path` (a file in `tmp/`) and keeps it for reuse, or removes it when the pool is
-    /// full or it cannot be emptied. Never fails: a file it cannot handle is removed at startup.
+    /// Keeps `path` (a file in `tmp/`) for reuse, emptying it when it is large, or removes it
+    /// when the pool is full or it cannot be handled. Never fails: a file it cannot handle is
+    /// removed at startup.
     fn recycle(&self, path: PathBuf) {
-        self.keep(path, false);
+        let len = std::fs::metadata(&path).map(|m| m.len());
+        self.keep(path, len);
     }
 
-    /// `recycle`, skipping the truncate when the caller knows the file is empty already.
-    fn keep(&self, path: PathBuf, empty: bool) {
-        let emptied = if empty {
-            Ok(())
-        } else {
+    /// `recycle` for a file whose length the caller knows.
+    fn keep(&self, path: PathBuf, len: io::Result<u64>) {
+        let stale = len.and_then(|len| {
+            if len <= KEEP_STALE {
+                return Ok(len);
+            }
             std::fs::OpenOptions::new()
                 .write(true)
                 .open(&path)
                 .and_then(|f| f.set_len(0))
-        };
-        if let (Ok(()), Some(n), Ok(mut free)) = (emptied, Self::number(&path), self.free.lock())
+                .map(|()| 0)
+        });
+        if let (Ok(stale), Some(n), Ok(mut free)) = (stale, Self::number(&path), self.free.lock())
             && free.len() < MAX_SPARES
         {
-            free.push(n);
+            free.push((n, stale));
             return;
         }
         let _ = std::fs::remove_file(&path);
@@ -160,10 +174,13 @@ impl Spares {
         Ok(())
     }
 
-    /// Writes `bytes` to an empty file and fsyncs it; returns its path in `tmp/`.
+    /// Writes `bytes` as a file's whole content and fsyncs it; returns its path in `tmp/`.
     fn write_synced(&self, bytes: &[u8]) -> io::Result<PathBuf> {
-        let (path, mut f) = self.open()?;
-        match f.write_all(bytes).and_then(|_| f.sync_all()) {
+        let (path, mut f, stale) = self.open()?;
+        match f
+            .write_all(bytes)
+            .and_then(|_| finish(&f, bytes.len() as u64, stale))
+        {
             Ok(()) => Ok(path),
             Err(e) => {
                 drop(f);
@@ -174,12 +191,21 @@ impl Spares {
     }
 }
 
+/// Cuts a file written from its start to `len` bytes when stale bytes lie beyond, then fsyncs it.
+fn finish(f: &std::fs::File, len: u64, stale: u64) -> io::Result<()> {
+    if stale > len {
+        f.set_len(len)?;
+    }
+    f.sync_all()
+}
+
 /// What recovery found at startup.
 #[derive(Debug, Default)]
 pub struct Recovered {
     /// Committed messages, oldest first.
     pub messages: Vec<Meta>,
-    /// Half-written files removed (never acknowledged to a client).
+    /// Bodies without a meta removed from `queue/` (never acknowledged to a client). Half-written
+    /// files in `tmp/` are not counted: they look like the spare files kept there.
     pub removed: usize,
     /// Files moved to `corrupt/`.
     pub quarantined: usize,
@@ -341,6 +367,7 @@ impl Spool {
                 tmp: root.join("tmp"),
                 free: Mutex::new(Vec::new()),
                 next: AtomicU64::new(0),
+                create: Mutex::new(()),
             }),
             publisher: Mutex::new(ptx),
             committed_rx: Mutex::new(Some(rx)),
@@ -370,6 +397,12 @@ impl Spool {
 
     pub fn len(&self) -> usize {
         self.count.load(Ordering::SeqCst)
+    }
+
+    /// How many files in `tmp/` wait in the pool for reuse (every other file there is being
+    /// written right now).
+    pub fn spare_files(&self) -> usize {
+        self.spares.free.lock().map(|f| f.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -488,16 +521,10 @@ impl Spool {
         if n >= self.max_messages {
             return Err(SpoolError::Full(n));
         }
-        let id = new_queue_id();
-        let spares = self.spares.clone();
-        let (path, file) = tokio::task::spawn_blocking(move || spares.open())
-            .await
-            .map_err(|e| SpoolError::Io(io::Error::other(e.to_string())))?
-            .map_err(SpoolError::from_io)?;
         Ok(MessageWriter {
-            id,
-            path,
-            file: tokio::io::BufWriter::with_capacity(128 * 1024, tokio::fs::File::from_std(file)),
+            id: new_queue_id(),
+            buf: Vec::with_capacity(16 * 1024),
+            file: None,
             written: 0,
             spares: self.spares.clone(),
         })
@@ -557,7 +584,7 @@ impl Spool {
     /// Startup recovery. Idempotent; never deletes anything that was acknowledged.
     fn recover(&self) -> io::Result<Recovered> {
         let mut out = Recovered::default();
-        // Nothing in tmp/ was acknowledged: half-written messages are emptied into the pool.
+        // Nothing in tmp/ was acknowledged: half-written messages become spares like the rest.
         let mut highest = 0;
         for entry in std::fs::read_dir(&self.tmp)? {
             let entry = entry?;
@@ -565,17 +592,14 @@ impl Spool {
                 continue;
             }
             let name = entry.file_name().to_string_lossy().into_owned();
-            let empty = entry.metadata()?.len() == 0;
-            if !empty {
-                out.removed += 1;
-            }
             match name
                 .strip_prefix("spare-")
                 .and_then(|n| n.parse::<u64>().ok())
             {
                 Some(n) => {
                     highest = highest.max(n + 1);
-                    self.spares.keep(entry.path(), empty);
+                    self.spares
+                        .keep(entry.path(), entry.metadata().map(|m| m.len()));
                 }
                 None => std::fs::remove_file(entry.path())?,
             }
@@ -695,15 +719,28 @@ impl Spool {
     }
 }
 
-/// A message being written. Dropping it without [`commit`](Self::commit) leaves a file in
-/// `tmp/` that [`abort`](Self::abort) or the next startup removes.
+/// Bytes a message gathers in memory before they go to its file: a small message (nearly all
+/// of them) touches the disk once, in its commit, where open, write and fsync are one blocking
+/// call; a large one streams through this buffer, so memory per session stays bounded.
+const BUFFER: usize = 128 * 1024;
+
+/// A message being written. Dropping it without [`commit`](Self::commit) leaves at most a file
+/// in `tmp/` that [`abort`](Self::abort) or the next startup takes back.
 pub struct MessageWriter {
     id: String,
-    /// The spare file in `tmp/` the body is written to.
-    path: PathBuf,
-    file: tokio::io::BufWriter<tokio::fs::File>,
+    /// Bytes not written to the file yet.
+    buf: Vec<u8>,
+    /// The spare file in `tmp/`, opened once the body outgrows `buf`.
+    file: Option<BodyFile>,
     written: u64,
     spares: Arc<Spares>,
+}
+
+struct BodyFile {
+    path: PathBuf,
+    file: tokio::fs::File,
+    /// Length of the stale bytes the spare held (see [`Spares`]).
+    stale: u64,
 }
 
 impl MessageWriter {
@@ -716,52 +753,115 @@ impl MessageWriter {
     }
 
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
-        self.file
-            .write_all(bytes)
+        self.written += bytes.len() as u64;
+        if self.buf.len() + bytes.len() <= BUFFER {
+            self.buf.extend_from_slice(bytes);
+            return Ok(());
+        }
+        if self.file.is_none() {
+            let spares = self.spares.clone();
+            let (path, file, stale) = tokio::task::spawn_blocking(move || spares.open())
+                .await
+                .map_err(|e| SpoolError::Io(io::Error::other(e.to_string())))?
+                .map_err(SpoolError::from_io)?;
+            self.file = Some(BodyFile {
+                path,
+                file: tokio::fs::File::from_std(file),
+                stale,
+            });
+        }
+        let Some(body) = self.file.as_mut() else {
+            return Err(SpoolError::Io(io::Error::other("spool file not open")));
+        };
+        body.file
+            .write_all(&self.buf)
             .await
             .map_err(SpoolError::from_io)?;
-        self.written += bytes.len() as u64;
+        self.buf.clear();
+        if bytes.len() >= BUFFER {
+            body.file
+                .write_all(bytes)
+                .await
+                .map_err(SpoolError::from_io)?;
+        } else {
+            self.buf.extend_from_slice(bytes);
+        }
         Ok(())
+    }
+
+    /// Writes what is left of the body, cuts the file to the body's length and fsyncs it.
+    /// Returns the file's path (when there is a file, also on failure) and the outcome.
+    async fn finish_body(
+        file: Option<BodyFile>,
+        buf: Vec<u8>,
+        len: u64,
+        spares: Arc<Spares>,
+    ) -> (Option<PathBuf>, io::Result<()>) {
+        let joined = |r: Result<_, tokio::task::JoinError>| {
+            r.unwrap_or_else(|e| (None, Err(io::Error::other(e.to_string()))))
+        };
+        match file {
+            None => joined(
+                tokio::task::spawn_blocking(move || match spares.open() {
+                    Ok((path, mut f, stale)) => {
+                        let r = f.write_all(&buf).and_then(|_| finish(&f, len, stale));
+                        (Some(path), r)
+                    }
+                    Err(e) => (None, Err(e)),
+                })
+                .await,
+            ),
+            Some(BodyFile {
+                path,
+                mut file,
+                stale,
+            }) => {
+                let written = async {
+                    file.write_all(&buf).await?;
+                    file.flush().await
+                }
+                .await;
+                if let Err(e) = written {
+                    return (Some(path), Err(e));
+                }
+                let file = file.into_std().await;
+                joined(
+                    tokio::task::spawn_blocking(move || {
+                        let r = finish(&file, len, stale);
+                        (Some(path), r)
+                    })
+                    .await,
+                )
+            }
+        }
     }
 
     /// Durably commits the message. `meta.id` and `meta.size` are filled in here. When this
     /// returns `Ok`, the message survives a crash and the client may be told 250.
     pub async fn commit(
-        mut self,
+        self,
         spool: &std::sync::Arc<Spool>,
         mut meta: Meta,
     ) -> Result<String, SpoolError> {
-        if let Err(e) = self.file.flush().await {
-            self.abort().await;
-            return Err(SpoolError::from_io(e));
-        }
         meta.id = self.id.clone();
         meta.size = self.written;
-        let id = self.id.clone();
+        let id = self.id;
+        let account = meta.account.clone();
         let spares = self.spares.clone();
-        // The body's fsync and the meta file's write + fsync are independent: run them on two
+        // The body's write + fsync and the meta file's are independent: run them on two
         // blocking threads at once. Both must succeed before the message is published.
-        let (synced, written) = tokio::join!(
-            self.file.get_ref().sync_all(),
-            tokio::task::spawn_blocking(move || {
-                spares
-                    .write_synced(&meta.encode())
-                    .map(|path| (meta.account, path))
-            })
+        let ((body, body_synced), meta_written) = tokio::join!(
+            Self::finish_body(self.file, self.buf, self.written, self.spares.clone()),
+            tokio::task::spawn_blocking(move || spares.write_synced(&meta.encode()))
         );
-        drop(self.file);
-        let written = written
-            .map_err(|e| io::Error::other(e.to_string()))
-            .and_then(|w| w);
-        let mut meta_path = None;
-        let result = match (synced, written) {
-            (Err(e), Ok((_, meta))) => {
-                meta_path = Some(meta);
-                Err(e)
-            }
-            (Err(e), Err(_)) | (Ok(()), Err(e)) => Err(e),
-            (Ok(()), Ok((account, meta))) => {
-                meta_path = Some(meta.clone());
+        let (meta_path, meta_synced) = match meta_written {
+            Ok(Ok(path)) => (Some(path), Ok(())),
+            Ok(Err(e)) => (None, Err(e)),
+            Err(e) => (None, Err(io::Error::other(e.to_string()))),
+        };
+        let result = match (body_synced, meta_synced, &body, &meta_path) {
+            (Err(e), _, _, _) | (Ok(()), Err(e), _, _) => Err(e),
+            (Ok(()), Ok(()), Some(body), Some(meta)) => {
                 let (done, wait) = tokio::sync::oneshot::channel();
                 let sent = spool
                     .publisher
@@ -771,8 +871,8 @@ impl MessageWriter {
                         p.send(PublishRequest {
                             id: id.clone(),
                             account,
-                            body: self.path.clone(),
-                            meta,
+                            body: body.clone(),
+                            meta: meta.clone(),
                             done,
                         })
                         .map_err(|_| io::Error::other("spool publisher stopped"))
@@ -784,15 +884,15 @@ impl MessageWriter {
                     Err(e) => Err(e),
                 }
             }
+            (Ok(()), Ok(()), _, _) => Err(io::Error::other("spool file missing after its write")),
         };
         match result {
             Ok(()) => Ok(id),
             Err(e) => {
                 // Still in tmp/ (the publisher takes failed renames back out of the queue).
-                let spares = self.spares.clone();
-                let files = [Some(self.path), meta_path];
+                let spares = self.spares;
                 let _ = tokio::task::spawn_blocking(move || {
-                    for f in files.into_iter().flatten() {
+                    for f in [body, meta_path].into_iter().flatten() {
                         spares.recycle(f);
                     }
                 })
@@ -804,9 +904,11 @@ impl MessageWriter {
 
     /// Throws the partial message away.
     pub async fn abort(self) {
-        drop(self.file);
-        let (spares, path) = (self.spares, self.path);
-        let _ = tokio::task::spawn_blocking(move || spares.recycle(path)).await;
+        if let Some(body) = self.file {
+            drop(body.file);
+            let (spares, path) = (self.spares, body.path);
+            let _ = tokio::task::spawn_blocking(move || spares.recycle(path)).await;
+        }
     }
 }
 
@@ -863,10 +965,7 @@ mod tests {
         let id = w.commit(&spool, meta()).await.unwrap();
         assert_eq!(spool.len(), 1);
         // A half-written message and an orphan body, as a crash would leave them.
-        let mut half = spool.create().await.unwrap();
-        half.write(b"Subject: half").await.unwrap();
-        half.file.flush().await.unwrap();
-        std::mem::forget(half);
+        std::fs::write(dir.path().join("tmp").join("spare-77"), b"Subject: half").unwrap();
         std::fs::write(
             dir.path()
                 .join("queue")
@@ -885,10 +984,11 @@ mod tests {
         drop(spool);
 
         let (spool, rec) = Spool::open(dir.path(), 10).unwrap();
+        let spool = Arc::new(spool);
         assert_eq!(rec.messages.len(), 1);
         assert_eq!(rec.messages[0].id, id);
         assert_eq!(rec.messages[0].size, 20);
-        assert_eq!(rec.removed, 2);
+        assert_eq!(rec.removed, 1);
         assert_eq!(rec.quarantined, 1);
         assert!(
             dir.path()
@@ -900,36 +1000,55 @@ mod tests {
             std::fs::read(spool.body_path(&id)).unwrap(),
             b"Subject: x\r\n\r\nbody\r\n"
         );
-        // Only emptied spare files are left in tmp/.
+        // Only spare files are left in tmp/, and the half-written one is the next to be reused.
         for f in std::fs::read_dir(dir.path().join("tmp")).unwrap() {
-            let f = f.unwrap();
-            assert!(f.file_name().to_string_lossy().starts_with("spare-"));
-            assert_eq!(f.metadata().unwrap().len(), 0);
+            assert!(
+                f.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("spare-")
+            );
         }
+        let mut w = spool.create().await.unwrap();
+        w.write(b"x").await.unwrap();
+        let next = w.commit(&spool, meta()).await.unwrap();
+        assert_eq!(std::fs::read(spool.body_path(&next)).unwrap(), b"x");
+    }
+
+    async fn commit_body(spool: &Arc<Spool>, chunks: &[&[u8]]) -> String {
+        let mut w = spool.create().await.unwrap();
+        for c in chunks {
+            w.write(c).await.unwrap();
+        }
+        w.commit(spool, meta()).await.unwrap()
+    }
+
+    fn spare_lengths(dir: &Path) -> Vec<u64> {
+        let mut v: Vec<u64> = std::fs::read_dir(dir.join("tmp"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
+        v.sort();
+        v
     }
 
     #[tokio::test]
-    async fn delivered_files_are_emptied_and_reused() {
-        let (dir, spool, id) = spool_with_one_message().await;
+    async fn delivered_files_are_reused_and_cut_to_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 10).unwrap().0);
         let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+        let long = vec![b'L'; 5000];
+        let id = commit_body(&spool, &[&long]).await;
         let body_inode = inode(&spool.body_path(&id));
         spool.remove(&id).unwrap();
         assert_eq!(spool.len(), 0);
         assert_eq!(spool.locate(&id), None);
-        let spares: Vec<_> = std::fs::read_dir(dir.path().join("tmp"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        assert_eq!(spares.len(), 2, "body and meta kept as spares: {spares:?}");
-        assert!(
-            spares
-                .iter()
-                .all(|p| std::fs::metadata(p).unwrap().len() == 0)
-        );
-        // The next messages are written into those same files, not new ones.
-        let mut w = spool.create().await.unwrap();
-        w.write(b"Subject: again\r\n\r\nx\r\n").await.unwrap();
-        let id2 = w.commit(&spool, meta()).await.unwrap();
+        // Small spares keep their bytes (no blocks freed and reallocated)...
+        let lengths = spare_lengths(dir.path());
+        assert_eq!(lengths.len(), 2, "body and meta kept as spares");
+        assert_eq!(lengths[1], 5000);
+        // ...and the next messages overwrite those same files, cut to their own length.
+        let id2 = commit_body(&spool, &[b"Subject: again\r\n", b"\r\nx\r\n"]).await;
         assert_eq!(
             std::fs::read(spool.body_path(&id2)).unwrap(),
             b"Subject: again\r\n\r\nx\r\n"
@@ -942,11 +1061,45 @@ mod tests {
             new_inodes.contains(&body_inode),
             "the delivered body's inode is reused"
         );
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
-            0
+        assert!(spare_lengths(dir.path()).is_empty());
+        let meta2 = spool.load(&id2).unwrap();
+        assert_eq!(meta2.size, 21);
+        spool.remove(&id2).unwrap();
+
+        // A large body streams through the file in pieces and is emptied when recycled.
+        let chunk: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let id3 = commit_body(&spool, &[&chunk, &chunk, b"tail", &chunk[..10]]).await;
+        let mut want = [&chunk[..], &chunk[..], b"tail", &chunk[..10]].concat();
+        assert_eq!(std::fs::read(spool.body_path(&id3)).unwrap(), want);
+        assert_eq!(spool.load(&id3).unwrap().size, want.len() as u64);
+        spool.remove(&id3).unwrap();
+        assert!(spare_lengths(dir.path()).iter().all(|l| *l <= KEEP_STALE));
+        // A body larger than the buffer written into a spare holding shorter stale bytes.
+        want.truncate(BUFFER + 7);
+        let id4 = commit_body(&spool, &[&want[..BUFFER - 1], &want[BUFFER - 1..]]).await;
+        assert_eq!(std::fs::read(spool.body_path(&id4)).unwrap(), want);
+    }
+
+    #[tokio::test]
+    async fn aborted_messages_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 10).unwrap().0);
+        let mut small = spool.create().await.unwrap();
+        small.write(b"Subject: never\r\n").await.unwrap();
+        small.abort().await;
+        assert!(
+            spare_lengths(dir.path()).is_empty(),
+            "a small body never reached a file"
         );
-        assert_eq!(spool.load(&id2).unwrap().size, 21);
+        let mut big = spool.create().await.unwrap();
+        big.write(&vec![b'b'; BUFFER + 1]).await.unwrap();
+        big.abort().await;
+        assert_eq!(
+            spare_lengths(dir.path()),
+            vec![0],
+            "emptied and kept as a spare"
+        );
+        assert!(spool.ids(Area::Queue).unwrap().is_empty());
     }
 
     /// A fresh spool in a temporary folder holding one committed message.

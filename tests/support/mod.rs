@@ -416,16 +416,45 @@ impl Dialog {
     }
 }
 
-/// Files in a spool's `tmp/` that hold data (spare files are kept there, emptied, for reuse).
-pub fn partial_files(tmp: &Path) -> Vec<String> {
-    std::fs::read_dir(tmp)
+/// What in a running relay's spool `tmp/` is neither a spare file kept for reuse nor named like
+/// one, judged against the relay's own count of spares (its metrics on loopback `http_port`).
+/// Call it while nothing is being received or delivered. Empty when `tmp/` holds only spares.
+pub fn strays_in_tmp(tmp: &Path, http_port: u16) -> Vec<String> {
+    use std::io::{Read, Write};
+    let mut page = String::new();
+    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", http_port)) {
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n");
+        let _ = s.read_to_string(&mut page);
+    }
+    let Some(spares) = page
+        .lines()
+        .find_map(|l| l.strip_prefix("exorelay_spool_spare_files "))
+        .and_then(|n| n.trim().parse::<usize>().ok())
+    else {
+        return vec![format!(
+            "no exorelay_spool_spare_files in the metrics: {page}"
+        )];
+    };
+    let names: Vec<String> = std::fs::read_dir(tmp)
         .map(|d| {
             d.filter_map(|e| e.ok())
-                .filter(|e| e.metadata().is_ok_and(|m| m.len() > 0))
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let mut strays: Vec<String> = names
+        .iter()
+        .filter(|n| !n.starts_with("spare-"))
+        .cloned()
+        .collect();
+    if names.len() != spares {
+        strays.push(format!(
+            "{} files in tmp/, but the relay keeps {spares} spares",
+            names.len()
+        ));
+    }
+    strays
 }
 
 /// True if an SMTP server on loopback `port` sends its 220 greeting. A relay binary binds its
