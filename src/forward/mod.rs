@@ -116,7 +116,13 @@ pub struct Forwarder {
     schedule: BTreeSet<(DateTime<Utc>, String, String)>,
     scheduled: HashMap<String, (DateTime<Utc>, String)>,
     in_flight: HashSet<String>,
+    /// Metas of just-committed messages, so their first attempt need not read the file back.
+    /// Bounded by [`FRESH_MAX`]; cleared by every administrator's command.
+    fresh: HashMap<String, Meta>,
 }
+
+/// More than this many waiting fresh messages (a blocked account's backlog) are read from disk.
+const FRESH_MAX: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 #[error("account {account:?}: {reason}")]
@@ -217,6 +223,7 @@ impl Forwarder {
             schedule: BTreeSet::new(),
             scheduled: HashMap::new(),
             in_flight: HashSet::new(),
+            fresh: HashMap::new(),
         })
     }
 
@@ -299,8 +306,12 @@ impl Forwarder {
                 .unwrap_or(Duration::from_secs(3600));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some((id, account)) = committed.recv() => {
-                    self.metrics.received.get_or_create(&Metrics::account(&account)).inc();
+                Some(meta) = committed.recv() => {
+                    self.metrics.received.get_or_create(&Metrics::account(&meta.account)).inc();
+                    let (id, account) = (meta.id.clone(), meta.account.clone());
+                    if self.fresh.len() < FRESH_MAX {
+                        self.fresh.insert(id.clone(), meta);
+                    }
                     self.schedule_at(id, account, Utc::now());
                 }
                 Some(done) = done_rx.recv() => {
@@ -332,6 +343,12 @@ impl Forwarder {
                 "a delivery attempt is running right now; try again in a moment".into(),
             )
         };
+        if let Command::Retry(id) | Command::Hold(id) | Command::Release(id) | Command::Delete(id) =
+            &cmd
+        {
+            // The meta on disk is the truth from here on.
+            self.fresh.remove(id);
+        }
         match cmd {
             Command::PauseAccount(name) | Command::ResumeAccount(name)
                 if !self.accounts.contains_key(&name) =>
@@ -589,6 +606,7 @@ impl Forwarder {
                 let Some(id) = account.waiting.pop_front() else {
                     break;
                 };
+                let fresh = self.fresh.remove(&id);
                 limit -= 1;
                 self.in_flight.insert(id.clone());
                 let gate = Gate {
@@ -612,7 +630,7 @@ impl Forwarder {
                         metrics: &metrics,
                         status: &status,
                     };
-                    let done = attempt(&ctx, upstream.as_ref(), &gate, &id, &name).await;
+                    let done = attempt(&ctx, upstream.as_ref(), &gate, &id, &name, fresh).await;
                     drop(permit);
                     let _ = done_tx.send(done);
                 });
@@ -663,6 +681,7 @@ async fn attempt(
     gate: &Gate,
     id: &str,
     account: &str,
+    fresh: Option<Meta>,
 ) -> Done {
     let (spool, config) = (ctx.spool, ctx.config);
     let gone = |signal| Done {
@@ -673,7 +692,9 @@ async fn attempt(
         delivered: 0,
         stood_down: false,
     };
-    let mut meta = {
+    let mut meta = if let Some(m) = fresh {
+        m
+    } else {
         let (spool, owned_id) = (spool.clone(), id.to_string());
         match tokio::task::spawn_blocking(move || spool.load(&owned_id)).await {
             Ok(Ok(m)) => m,

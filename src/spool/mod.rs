@@ -247,13 +247,13 @@ pub struct Spool {
     max_messages: usize,
     spares: Arc<Spares>,
     publisher: Mutex<std::sync::mpsc::Sender<PublishRequest>>,
-    committed_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, String)>>>,
+    committed_rx: Mutex<Option<mpsc::UnboundedReceiver<Meta>>>,
 }
 
 /// A message whose files are written and fsynced in `tmp/`, waiting to be made visible.
 struct PublishRequest {
-    id: String,
-    account: String,
+    /// What the meta file says, handed to the forwarder so it need not read it back.
+    meta_value: Meta,
     /// The fsynced body and meta files in `tmp/`.
     body: PathBuf,
     meta: PathBuf,
@@ -265,7 +265,7 @@ fn publisher(
     rx: std::sync::mpsc::Receiver<PublishRequest>,
     queue: PathBuf,
     count: Arc<AtomicUsize>,
-    committed: mpsc::UnboundedSender<(String, String)>,
+    committed: mpsc::UnboundedSender<Meta>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -274,8 +274,9 @@ fn publisher(
         }
         let mut renamed = Vec::with_capacity(batch.len());
         for req in batch {
-            let r = std::fs::rename(&req.body, queue.join(format!("{}.eml", req.id)))
-                .and_then(|_| std::fs::rename(&req.meta, queue.join(format!("{}.json", req.id))));
+            let id = &req.meta_value.id;
+            let r = std::fs::rename(&req.body, queue.join(format!("{id}.eml")))
+                .and_then(|_| std::fs::rename(&req.meta, queue.join(format!("{id}.json"))));
             match r {
                 Ok(()) => renamed.push(req),
                 Err(e) => {
@@ -290,15 +291,16 @@ fn publisher(
             Ok(()) => {
                 for req in renamed {
                     count.fetch_add(1, Ordering::SeqCst);
-                    let _ = committed.send((req.id, req.account));
                     let _ = req.done.send(Ok(()));
+                    let _ = committed.send(req.meta_value);
                 }
             }
             Err(e) => {
                 // Not durable: take the files back out so nothing unacknowledged is delivered.
                 for req in renamed {
-                    let _ = std::fs::remove_file(queue.join(format!("{}.json", req.id)));
-                    let _ = std::fs::remove_file(queue.join(format!("{}.eml", req.id)));
+                    let id = &req.meta_value.id;
+                    let _ = std::fs::remove_file(queue.join(format!("{id}.json")));
+                    let _ = std::fs::remove_file(queue.join(format!("{id}.eml")));
                     let _ = req.done.send(Err(io::Error::new(e.kind(), e.to_string())));
                 }
             }
@@ -390,8 +392,8 @@ impl Spool {
         Ok((spool, recovered))
     }
 
-    /// The receiver of (queue ID, account) committed from now on; the forwarder takes it once.
-    pub fn take_committed(&self) -> Option<mpsc::UnboundedReceiver<(String, String)>> {
+    /// The receiver of the metas of messages committed from now on; the forwarder takes it once.
+    pub fn take_committed(&self) -> Option<mpsc::UnboundedReceiver<Meta>> {
         self.committed_rx.lock().ok()?.take()
     }
 
@@ -846,7 +848,7 @@ impl MessageWriter {
         meta.id = self.id.clone();
         meta.size = self.written;
         let id = self.id;
-        let account = meta.account.clone();
+        let meta_value = meta.clone();
         let spares = self.spares.clone();
         // The body's write + fsync and the meta file's are independent: run them on two
         // blocking threads at once. Both must succeed before the message is published.
@@ -869,8 +871,7 @@ impl MessageWriter {
                     .map_err(|_| io::Error::other("spool publisher lock poisoned"))
                     .and_then(|p| {
                         p.send(PublishRequest {
-                            id: id.clone(),
-                            account,
+                            meta_value,
                             body: body.clone(),
                             meta: meta.clone(),
                             done,
