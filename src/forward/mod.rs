@@ -117,7 +117,7 @@ pub struct Forwarder {
     scheduled: HashMap<String, (DateTime<Utc>, String)>,
     in_flight: HashSet<String>,
     /// Metas of just-committed messages, so their first attempt need not read the file back.
-    /// Bounded by [`FRESH_MAX`]; cleared by every administrator's command.
+    /// Bounded by [`FRESH_MAX`]; an administrator's command on a message drops its entry.
     fresh: HashMap<String, Meta>,
 }
 

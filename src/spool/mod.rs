@@ -760,20 +760,20 @@ impl MessageWriter {
             self.buf.extend_from_slice(bytes);
             return Ok(());
         }
-        if self.file.is_none() {
-            let spares = self.spares.clone();
-            let (path, file, stale) = tokio::task::spawn_blocking(move || spares.open())
-                .await
-                .map_err(|e| SpoolError::Io(io::Error::other(e.to_string())))?
-                .map_err(SpoolError::from_io)?;
-            self.file = Some(BodyFile {
-                path,
-                file: tokio::fs::File::from_std(file),
-                stale,
-            });
-        }
-        let Some(body) = self.file.as_mut() else {
-            return Err(SpoolError::Io(io::Error::other("spool file not open")));
+        let body = match &mut self.file {
+            Some(body) => body,
+            None => {
+                let spares = self.spares.clone();
+                let (path, file, stale) = tokio::task::spawn_blocking(move || spares.open())
+                    .await
+                    .map_err(|e| SpoolError::Io(io::Error::other(e.to_string())))?
+                    .map_err(SpoolError::from_io)?;
+                self.file.insert(BodyFile {
+                    path,
+                    file: tokio::fs::File::from_std(file),
+                    stale,
+                })
+            }
         };
         body.file
             .write_all(&self.buf)
@@ -792,24 +792,24 @@ impl MessageWriter {
     }
 
     /// Writes what is left of the body, cuts the file to the body's length and fsyncs it.
-    /// Returns the file's path (when there is a file, also on failure) and the outcome.
+    /// Returns the file's path; on failure the error and the path to take back, if any.
     async fn finish_body(
         file: Option<BodyFile>,
         buf: Vec<u8>,
         len: u64,
         spares: Arc<Spares>,
-    ) -> (Option<PathBuf>, io::Result<()>) {
+    ) -> Result<PathBuf, (io::Error, Option<PathBuf>)> {
         let joined = |r: Result<_, tokio::task::JoinError>| {
-            r.unwrap_or_else(|e| (None, Err(io::Error::other(e.to_string()))))
+            r.unwrap_or_else(|e| Err((io::Error::other(e.to_string()), None)))
         };
         match file {
             None => joined(
-                tokio::task::spawn_blocking(move || match spares.open() {
-                    Ok((path, mut f, stale)) => {
-                        let r = f.write_all(&buf).and_then(|_| finish(&f, len, stale));
-                        (Some(path), r)
+                tokio::task::spawn_blocking(move || {
+                    let (path, mut f, stale) = spares.open().map_err(|e| (e, None))?;
+                    match f.write_all(&buf).and_then(|_| finish(&f, len, stale)) {
+                        Ok(()) => Ok(path),
+                        Err(e) => Err((e, Some(path))),
                     }
-                    Err(e) => (None, Err(e)),
                 })
                 .await,
             ),
@@ -824,13 +824,13 @@ impl MessageWriter {
                 }
                 .await;
                 if let Err(e) = written {
-                    return (Some(path), Err(e));
+                    return Err((e, Some(path)));
                 }
                 let file = file.into_std().await;
                 joined(
-                    tokio::task::spawn_blocking(move || {
-                        let r = finish(&file, len, stale);
-                        (Some(path), r)
+                    tokio::task::spawn_blocking(move || match finish(&file, len, stale) {
+                        Ok(()) => Ok(path),
+                        Err(e) => Err((e, Some(path))),
                     })
                     .await,
                 )
@@ -852,18 +852,24 @@ impl MessageWriter {
         let spares = self.spares.clone();
         // The body's write + fsync and the meta file's are independent: run them on two
         // blocking threads at once. Both must succeed before the message is published.
-        let ((body, body_synced), meta_written) = tokio::join!(
+        let (body, meta_file) = tokio::join!(
             Self::finish_body(self.file, self.buf, self.written, self.spares.clone()),
             tokio::task::spawn_blocking(move || spares.write_synced(&meta.encode()))
         );
-        let (meta_path, meta_synced) = match meta_written {
-            Ok(Ok(path)) => (Some(path), Ok(())),
-            Ok(Err(e)) => (None, Err(e)),
-            Err(e) => (None, Err(io::Error::other(e.to_string()))),
-        };
-        let result = match (body_synced, meta_synced, &body, &meta_path) {
-            (Err(e), _, _, _) | (Ok(()), Err(e), _, _) => Err(e),
-            (Ok(()), Ok(()), Some(body), Some(meta)) => {
+        let meta_file = meta_file
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|r| r);
+        // The files to take back if the message is not published.
+        let files = [
+            match &body {
+                Ok(path) => Some(path.clone()),
+                Err((_, path)) => path.clone(),
+            },
+            meta_file.as_ref().ok().cloned(),
+        ];
+        let result = match (body, meta_file) {
+            (Err((e, _)), _) | (Ok(_), Err(e)) => Err(e),
+            (Ok(body), Ok(meta)) => {
                 let (done, wait) = tokio::sync::oneshot::channel();
                 let sent = spool
                     .publisher
@@ -872,8 +878,8 @@ impl MessageWriter {
                     .and_then(|p| {
                         p.send(PublishRequest {
                             meta_value,
-                            body: body.clone(),
-                            meta: meta.clone(),
+                            body,
+                            meta,
                             done,
                         })
                         .map_err(|_| io::Error::other("spool publisher stopped"))
@@ -885,7 +891,6 @@ impl MessageWriter {
                     Err(e) => Err(e),
                 }
             }
-            (Ok(()), Ok(()), _, _) => Err(io::Error::other("spool file missing after its write")),
         };
         match result {
             Ok(()) => Ok(id),
@@ -893,7 +898,7 @@ impl MessageWriter {
                 // Still in tmp/ (the publisher takes failed renames back out of the queue).
                 let spares = self.spares;
                 let _ = tokio::task::spawn_blocking(move || {
-                    for f in [body, meta_path].into_iter().flatten() {
+                    for f in files.into_iter().flatten() {
                         spares.recycle(f);
                     }
                 })
