@@ -1,7 +1,10 @@
 //! The DATA reader: the one place that decides where a message ends.
 //!
 //! Rules (the SMTP-smuggling defence):
-//! - only `CRLF . CRLF` ends the message; a `.` line ended by a bare LF or bare CR does not;
+//! - only the exact bytes `CR LF . CR LF` end the message (or `. CR LF` as its very first line):
+//!   a `.` line that was begun by a bare LF or bare CR, or ended by one, is content. Postfix and
+//!   Exchange read bare line ends differently from us, so any other spelling of "end of data" is
+//!   where a smuggled second message would hide;
 //! - every bare CR and bare LF inside the message becomes CRLF before it reaches the spool, so no
 //!   ambiguous line ending is ever forwarded (Postfix's `smtpd_forbid_bare_newline = normalize`);
 //! - a leading dot is removed from lines that have more after it (RFC 5321 §4.5.2).
@@ -10,8 +13,10 @@ use memchr::memchr2;
 
 #[derive(Debug, Clone, Default)]
 pub struct DotReader {
-    /// The next byte starts a line (true at the start of the message).
+    /// The next byte does not start a line (false at the start of the message).
     mid_line: bool,
+    /// The current line was begun by a bare CR or LF, so a lone `.` on it is content.
+    after_bare: bool,
     /// A line-leading dot seen and not yet emitted or dropped.
     held_dot: bool,
     /// The last byte was a CR whose partner has not been seen yet.
@@ -27,9 +32,14 @@ impl DotReader {
         DotReader::default()
     }
 
-    fn end_line(&mut self, out: &mut Vec<u8>) {
+    /// Ends the current line in the output; `bare` when the input ended it with a lone CR or LF.
+    fn end_line(&mut self, out: &mut Vec<u8>, bare: bool) {
         out.extend_from_slice(b"\r\n");
         self.mid_line = false;
+        self.after_bare = bare;
+        if bare {
+            self.bare_line_endings += 1;
+        }
     }
 
     /// Consumes bytes from `input` and appends message content to `out`. Returns true once the
@@ -45,21 +55,24 @@ impl DotReader {
                 if b == b'\n' {
                     i += 1;
                     if self.held_dot {
-                        // The line was exactly "." with CRLF: end of data.
                         self.held_dot = false;
-                        *input = &buf[i..];
-                        return true;
+                        if !self.after_bare {
+                            // CRLF "." CRLF: the end of the data.
+                            *input = &buf[i..];
+                            return true;
+                        }
+                        // A "." line begun by a bare line end: content.
+                        out.push(b'.');
                     }
-                    self.end_line(out);
+                    self.end_line(out, false);
                     continue;
                 }
                 // A bare CR: it still ends the line, written as CRLF; `b` is looked at again.
-                self.bare_line_endings += 1;
                 if self.held_dot {
                     self.held_dot = false;
                     out.push(b'.');
                 }
-                self.end_line(out);
+                self.end_line(out, true);
                 continue;
             }
             if self.held_dot {
@@ -72,9 +85,8 @@ impl DotReader {
                     b'\n' => {
                         // "." ended by a bare LF: content, not the end of the message.
                         self.held_dot = false;
-                        self.bare_line_endings += 1;
                         out.push(b'.');
-                        self.end_line(out);
+                        self.end_line(out, true);
                         i += 1;
                         continue;
                     }
@@ -103,8 +115,7 @@ impl DotReader {
                         self.mid_line = true;
                         self.pending_cr = true;
                     } else {
-                        self.bare_line_endings += 1;
-                        self.end_line(out);
+                        self.end_line(out, true);
                     }
                 }
             }
@@ -199,7 +210,107 @@ mod tests {
         assert!(r.eight_bit);
     }
 
+    /// The reference model of where DATA ends: the first `CR LF . CR LF`, or `. CR LF` as the
+    /// very first line. Returns the index just past the terminator.
+    fn model_end(wire: &[u8]) -> Option<usize> {
+        if wire.starts_with(b".\r\n") {
+            return Some(3);
+        }
+        wire.windows(5)
+            .position(|w| w == b"\r\n.\r\n")
+            .map(|p| p + 5)
+    }
+
+    /// Published SMTP-smuggling end-of-data spellings (SEC Consult's catalogue and Postfix's
+    /// and Sendmail's follow-ups). None of them may end DATA.
+    const SMUGGLING: &[&[u8]] = &[
+        b"\n.\n",
+        b"\n.\r\n",
+        b"\r.\r",
+        b"\r.\n",
+        b"\r.\r\n",
+        b"\r\n.\r",
+        b"\r\n.\n",
+        b"\r\n.\r\r\n",
+        b"\r\n\x00.\r\n",
+        b"\r\n.\x00\r\n",
+        b"\n\n.\n\n",
+        b"\r\r.\r\r",
+        b"\r\n .\r\n",
+        b"\r\n.. \r\n",
+    ];
+
+    #[test]
+    fn smuggling_catalogue_never_ends_data_at_any_split() {
+        for seq in SMUGGLING {
+            let mut wire = b"Subject: x\r\n\r\nbody".to_vec();
+            wire.extend_from_slice(seq);
+            let smuggled = b"MAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nforged\r\n";
+            wire.extend_from_slice(smuggled);
+            wire.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
+            for split in 0..=wire.len() {
+                let mut r = DotReader::new();
+                let mut out = Vec::new();
+                let (a, b) = wire.split_at(split);
+                let mut input = a;
+                let mut done = r.feed(&mut input, &mut out);
+                let mut rest = [input, b].concat();
+                if !done {
+                    let mut input = b;
+                    done = r.feed(&mut input, &mut out);
+                    rest = input.to_vec();
+                }
+                assert!(done, "{seq:?} split {split}");
+                assert_eq!(rest, b"QUIT\r\n", "{seq:?} split {split}: ended early");
+                let text = String::from_utf8_lossy(&out);
+                assert!(
+                    text.contains("MAIL FROM:<evil@x>"),
+                    "{seq:?}: smuggled part is content"
+                );
+                for (i, &c) in out.iter().enumerate() {
+                    assert!(
+                        c != b'\n' || (i > 0 && out[i - 1] == b'\r'),
+                        "{seq:?}: bare LF kept"
+                    );
+                    assert!(
+                        c != b'\r' || out.get(i + 1) == Some(&b'\n'),
+                        "{seq:?}: bare CR kept"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lf_dot_crlf_is_content() {
+        // The review's case: a bare LF before ".\r\n" used to end DATA.
+        let (msg, done, rest) = read(b"body\n.\r\nMAIL FROM:<evil@x>\r\n.\r\n", 1000);
+        assert!(done);
+        assert!(rest.is_empty());
+        assert_eq!(msg, b"body\r\n.\r\nMAIL FROM:<evil@x>\r\n");
+        let (msg, _, rest) = read(b"body\r.\r\nRSET\r\n.\r\n", 1);
+        assert!(rest.is_empty());
+        assert_eq!(msg, b"body\r\n.\r\nRSET\r\n");
+    }
+
     proptest! {
+        #[test]
+        fn ends_exactly_where_the_model_says(
+            wire in proptest::collection::vec(prop_oneof![
+                4 => Just(b'\r'), 4 => Just(b'\n'), 4 => Just(b'.'), 2 => Just(b'a'), 1 => Just(0u8)
+            ], 0..120),
+            chunk in 1usize..9,
+        ) {
+            let (_, done, rest) = read(&wire, chunk);
+            match model_end(&wire) {
+                Some(end) => {
+                    prop_assert!(done);
+                    prop_assert_eq!(rest, wire[end..].to_vec());
+                }
+                None => prop_assert!(!done),
+            }
+        }
+
         #[test]
         fn crlf_messages_round_trip(lines in proptest::collection::vec("[ -~]{0,20}", 0..20), chunk in 1usize..40) {
             let msg: Vec<u8> = lines.iter().flat_map(|l| format!("{l}\r\n").into_bytes()).collect();
