@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::config::{AccountConfig, AccountKind, Config};
 use crate::oauth::TokenManager;
 use crate::oauth::assertion::decode_claims;
-use crate::spool::{Client, Meta, Spool};
+use crate::spool::{Meta, Spool};
 use crate::upstream::exchange::Exchange;
 
 /// A report printed line by line; `ok` is false once anything failed.
@@ -274,23 +274,26 @@ async fn send_test_in(
         .clone()
         .unwrap_or_else(|| format!("exorelay@{}", cfg.hostname));
     let now = chrono::Utc::now();
-    let mut w = spool.create().await.map_err(|e| e.to_string())?;
-    let id = w.id().to_string();
     let msg = format!(
-        "Received: by {host} (exorelay send-test) id {id}; {date}\r\nFrom: exorelay <{from}>\r\nTo: <{to}>\r\nSubject: exorelay test message ({acct})\r\nDate: {date}\r\nMessage-ID: <{id}.send-test@{host}>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThis test message was sent by `exorelay send-test` on {host} through account {acct:?}.\r\nIf you can read it, the relay's path to its upstream works.\r\n",
+        "From: exorelay <{from}>\r\nTo: <{to}>\r\nSubject: exorelay test message ({acct})\r\nDate: {date}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThis test message was sent by `exorelay send-test` on {host} through account {acct:?}.\r\nIf you can read it, the relay's path to its upstream works.\r\n",
         host = cfg.hostname,
         date = now.to_rfc2822(),
         acct = acct.name
     );
-    w.write(msg.as_bytes()).await.map_err(|e| e.to_string())?;
-    let client = Client {
-        ip: std::net::IpAddr::from([127, 0, 0, 1]),
-        helo: cfg.hostname.clone(),
-        login: None,
-        tls: false,
+    let to = crate::submission::parse_address(to, crate::submission::AddressRole::Recipient)
+        .map_err(|e| format!("--to {to:?}: {e}"))?;
+    let submission = crate::submission::Submission {
+        source: crate::submission::Source::SendTest,
+        client: crate::submission::local_client(&cfg.hostname),
+        mail_from: from.clone(),
+        recipients: vec![to.clone()],
+        eight_bit: false,
+        smtputf8: false,
     };
-    let meta = Meta::new(&acct.name, &from, &[to.to_string()], client);
-    w.commit(&spool, meta).await.map_err(|e| e.to_string())?;
+    let id = submission
+        .enqueue(&spool, &cfg.hostname, &acct.name, msg.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     r.pass("spool", format!("test message queued as {id}"));
 
     let deadline = Instant::now() + timeout;

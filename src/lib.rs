@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod oauth;
 pub mod smtp;
 pub mod spool;
+pub mod submission;
 pub mod tls;
 pub mod upstream;
 

@@ -473,6 +473,11 @@ async fn refused_recipient(pipelining: bool) {
     let dsn = &got[1];
     assert_eq!(dsn.rcpts, ["scanner@printer.local"]);
     let text = String::from_utf8_lossy(&dsn.data);
+    // The DSN entered the spool like any message: one Received format, the null sender.
+    assert!(
+        text.starts_with("Received: by relay.test (exorelay) with local id "),
+        "{text}"
+    );
     assert!(
         text.contains("Content-Type: multipart/report; report-type=delivery-status"),
         "{text}"

@@ -369,11 +369,17 @@ async fn http_submission_goes_through_the_spool_like_smtp() {
     assert_eq!(r.status(), 202);
     let got = wait_captured(&h.relay.path("capture"), 2).await;
     let raw_one = got.iter().find(|(i, _)| *i == id).unwrap();
-    assert_eq!(
-        strip_received(&raw_one.1),
-        raw.replace('\n', "\r\n").as_bytes(),
-        "bare LF normalised, nothing else changed"
+    let stored = String::from_utf8(strip_received(&raw_one.1).to_vec()).unwrap();
+    let (head, body) = stored.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("From: monitor@nagios.lan\r\nTo: ops@example.com\r\nSubject: disk full on srv1\r\nDate: "),
+        "bare LF normalised, missing Date added: {head}"
     );
+    assert!(
+        head.ends_with(&format!("\r\nMessage-ID: <{id}@relay.test>")),
+        "{head}"
+    );
+    assert_eq!(body, "Disk / is 97% full.\r\n");
     let meta: serde_json::Value = serde_json::from_slice(
         &std::fs::read(h.relay.path("capture").join(format!("{id}.json"))).unwrap(),
     )

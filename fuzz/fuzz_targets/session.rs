@@ -84,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
                     body.extend_from_slice(s.body());
                     s.body_written(Ok(()));
                 }
-                Step::Commit(_) => {
+                Step::Commit { .. } => {
                     for (i, &b) in body.iter().enumerate() {
                         if b == b'\n' {
                             assert!(i > 0 && body[i - 1] == b'\r', "bare LF committed");

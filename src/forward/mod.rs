@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{AccountKind, Config, DsnTo};
 use crate::metrics::{FailedLabels, Metrics};
-use crate::spool::{Area, Client, Meta, RecipientStatus, Spool};
+use crate::spool::{Area, Meta, RecipientStatus, Spool};
 use crate::upstream::capture::Capture;
 use crate::upstream::exchange::Exchange;
 use crate::upstream::{AccountSignal, Job, Outcome, Upstream};
@@ -913,20 +913,17 @@ async fn send_dsn(spool: &Arc<Spool>, config: &Config, meta: &Meta) {
     let original = tokio::fs::read(&failed_body).await.unwrap_or_default();
     let headers = dsn::header_section(&original).to_vec();
     let report = dsn::build(meta, &headers, &config.hostname, &to[0]);
-    let result = async {
-        let mut w = spool.create().await?;
-        w.write(&report).await?;
-        let client = Client {
-            ip: std::net::IpAddr::from([127, 0, 0, 1]),
-            helo: config.hostname.clone(),
-            login: None,
-            tls: false,
-        };
-        let mut dsn_meta = Meta::new(&meta.account, "", &to, client);
-        dsn_meta.eight_bit = true;
-        w.commit(spool, dsn_meta).await
-    }
-    .await;
+    let submission = crate::submission::Submission {
+        source: crate::submission::Source::Dsn,
+        client: crate::submission::local_client(&config.hostname),
+        mail_from: String::new(),
+        recipients: to.clone(),
+        eight_bit: true,
+        smtputf8: false,
+    };
+    let result = submission
+        .enqueue(spool, &config.hostname, &meta.account, &report)
+        .await;
     match result {
         Ok(dsn_id) => {
             info!(queue_id = %meta.id, dsn_queue_id = %dsn_id, to = ?to, "delivery status notification queued")

@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::{Access, AppState, Peer, authorize, error};
 use crate::forward::{Command, ControlError};
 use crate::spool::{Area, Client, Meta, id_time, is_queue_id};
+use crate::submission::{AddressRole, Source, Submission, parse_address};
 
 /// One message in a listing.
 #[derive(Debug, Clone, Serialize)]
@@ -387,40 +388,17 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-fn split_addresses(values: &[String]) -> Vec<String> {
+/// Recipients as given (repeated and/or comma-separated), each checked by the same rule as an
+/// SMTP `RCPT TO`.
+fn split_addresses(values: &[String]) -> Result<Vec<String>, String> {
     values
         .iter()
         .flat_map(|v| v.split(','))
+        .filter(|a| !a.trim().is_empty())
         .map(|a| {
-            a.trim()
-                .trim_start_matches('<')
-                .trim_end_matches('>')
-                .to_string()
+            parse_address(a, AddressRole::Recipient).map_err(|e| format!("recipient {a:?}: {e}"))
         })
-        .filter(|a| !a.is_empty())
         .collect()
-}
-
-/// Bare CR and LF become CRLF, as on the SMTP path; the message ends with CRLF.
-fn normalize_line_endings(raw: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(raw.len() + raw.len() / 50 + 2);
-    let mut i = 0;
-    while i < raw.len() {
-        match raw[i] {
-            b'\r' if raw.get(i + 1) == Some(&b'\n') => {
-                out.extend_from_slice(b"\r\n");
-                i += 2;
-                continue;
-            }
-            b'\r' | b'\n' => out.extend_from_slice(b"\r\n"),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    if !out.ends_with(b"\r\n") {
-        out.extend_from_slice(b"\r\n");
-    }
-    out
 }
 
 fn build_json_message(m: &JsonMessage, rcpts: &[String]) -> Result<Vec<u8>, String> {
@@ -493,18 +471,18 @@ pub async fn submit(
             OneOrMany::One(s) => split_addresses(std::slice::from_ref(s)),
             OneOrMany::Many(v) => split_addresses(v),
         };
+        let rcpts = match rcpts {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
+        let from = match parse_address(&m.from, AddressRole::Sender) {
+            Ok(f) => f,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("from {:?}: {e}", m.from)),
+        };
         let built = match build_json_message(&m, &rcpts) {
             Ok(b) => b,
             Err(e) => return error(StatusCode::BAD_REQUEST, e),
         };
-        let from = m
-            .from
-            .rsplit('<')
-            .next()
-            .unwrap_or(&m.from)
-            .trim_end_matches('>')
-            .trim()
-            .to_string();
         (from, rcpts, built, m.account.clone())
     } else if ctype.starts_with("message/rfc822")
         || ctype.starts_with("text/plain")
@@ -520,16 +498,29 @@ pub async fn submit(
                 .chain(header_values("x-envelope-to"))
                 .collect::<Vec<_>>(),
         );
+        let rcpts = match rcpts {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
         let Some(from) = from else {
             return error(
                 StatusCode::BAD_REQUEST,
                 "the envelope sender is missing: add ?from=ADDR or an X-Envelope-From header",
             );
         };
+        let from = match parse_address(&from, AddressRole::Sender) {
+            Ok(f) => f,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("envelope sender {from:?}: {e}"),
+                );
+            }
+        };
         (
             from,
             rcpts,
-            normalize_line_endings(&body),
+            body.to_vec(),
             query("account").into_iter().next(),
         )
     } else {
@@ -558,43 +549,26 @@ pub async fn submit(
         Some(a) => return error(StatusCode::BAD_REQUEST, format!("unknown account {a:?}")),
         None => config.accounts[0].name.clone(),
     };
-    let mut writer = match state.spool.create().await {
-        Ok(w) => w,
-        Err(e) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("cannot queue the message: {e}; try again later"),
-            );
-        }
-    };
-    let id = writer.id().to_string();
-    let received = format!(
-        "Received: from [{}] by {} (exorelay) with HTTP id {id}; {}\r\n",
-        peer.0.ip(),
-        config.hostname,
-        Utc::now().to_rfc2822()
-    );
-    let mut meta = Meta::new(
-        &account,
-        &mail_from,
-        &rcpts,
-        Client {
+    let n_rcpts = rcpts.len();
+    let submission = Submission {
+        source: Source::Http,
+        client: Client {
             ip: peer.0.ip(),
             helo: "http".into(),
             login: Some("http-api".into()),
             tls: config.http.tls.is_some(),
         },
-    );
-    meta.eight_bit = message.iter().any(|b| *b >= 0x80);
-    let written = async {
-        writer.write(received.as_bytes()).await?;
-        writer.write(&message).await?;
-        writer.commit(&state.spool, meta).await
-    }
-    .await;
+        mail_from: mail_from.clone(),
+        recipients: rcpts,
+        eight_bit: false,
+        smtputf8: false,
+    };
+    let written = submission
+        .enqueue(&state.spool, &config.hostname, &account, &message)
+        .await;
     match written {
         Ok(id) => {
-            tracing::info!(queue_id = %id, from = %mail_from.escape_debug(), recipients = rcpts.len(), client = %peer.0, "message queued via HTTP");
+            tracing::info!(queue_id = %id, from = %mail_from.escape_debug(), recipients = n_rcpts, client = %peer.0, "message queued via HTTP");
             (
                 StatusCode::ACCEPTED,
                 axum::Json(serde_json::json!({ "queue_id": id })),
@@ -613,18 +587,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn line_endings() {
-        assert_eq!(
-            normalize_line_endings(b"a\nb\r\nc\rd"),
-            b"a\r\nb\r\nc\r\nd\r\n"
-        );
-    }
-
-    #[test]
     fn addresses_split() {
         assert_eq!(
-            split_addresses(&["a@x, <b@y>".into(), "c@z".into()]),
-            ["a@x", "b@y", "c@z"]
+            split_addresses(&["a@x, <b@y>".into(), "Boss <c@z>".into()]),
+            Ok(vec!["a@x".to_string(), "b@y".into(), "c@z".into()])
         );
+        assert!(split_addresses(&["a@x\r\nBcc: evil@y".into()]).is_err());
+        assert!(split_addresses(&["nodomain".into()]).is_err());
     }
 }

@@ -25,11 +25,33 @@ pub struct DotReader {
     pub bare_line_endings: u64,
     /// Any byte >= 0x80 seen.
     pub eight_bit: bool,
+    /// Raw content (HTTP submission, generated messages): no dot-stuffing and no end marker;
+    /// only the line-end rules apply, and [`DotReader::finish`] ends the message.
+    raw: bool,
 }
 
 impl DotReader {
+    /// A reader for SMTP DATA: dot-stuffed, ended by `CRLF.CRLF`.
     pub fn new() -> DotReader {
         DotReader::default()
+    }
+
+    /// A reader for a message that is not dot-stuffed: bytes are only normalised.
+    pub fn raw() -> DotReader {
+        DotReader {
+            raw: true,
+            ..DotReader::default()
+        }
+    }
+
+    /// The end of raw input: a trailing bare CR becomes CRLF, and a last line without a line
+    /// end gets one.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if std::mem::take(&mut self.pending_cr) {
+            self.end_line(out, true);
+        } else if self.mid_line {
+            self.end_line(out, false);
+        }
     }
 
     /// Ends the current line in the output; `bare` when the input ended it with a lone CR or LF.
@@ -96,7 +118,7 @@ impl DotReader {
                         self.mid_line = true;
                     }
                 }
-            } else if !self.mid_line && b == b'.' {
+            } else if !self.raw && !self.mid_line && b == b'.' {
                 self.held_dot = true;
                 i += 1;
                 continue;
@@ -199,6 +221,22 @@ mod tests {
         let (msg, done, _) = read(b"x\r\n.\rMAIL\r\n.\r\n", 3);
         assert!(done);
         assert_eq!(msg, b"x\r\n.\r\nMAIL\r\n");
+    }
+
+    #[test]
+    fn raw_mode_only_normalises() {
+        let mut r = DotReader::raw();
+        let mut out = Vec::new();
+        let mut input: &[u8] = b"a\n.\r\n..b\r\n.\r";
+        assert!(!r.feed(&mut input, &mut out));
+        r.finish(&mut out);
+        assert_eq!(out, b"a\r\n.\r\n..b\r\n.\r\n");
+        let mut r = DotReader::raw();
+        let mut out = Vec::new();
+        let mut input: &[u8] = b"no line end";
+        r.feed(&mut input, &mut out);
+        r.finish(&mut out);
+        assert_eq!(out, b"no line end\r\n");
     }
 
     #[test]

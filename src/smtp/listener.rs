@@ -19,9 +19,9 @@ use tracing::{Instrument, info, warn};
 
 use super::auth::{AuthGuard, Users};
 use super::reply;
-use super::session::{AuthOutcome, Envelope, Session, SessionParams, Step};
+use super::session::{AuthOutcome, Session, SessionParams, Step};
 use crate::config::{Config, ListenerConfig, TlsMode};
-use crate::spool::{Client, MessageWriter, Meta, Spool};
+use crate::spool::{MessageWriter, Spool};
 
 const READ_BUFFER: usize = 64 * 1024;
 
@@ -357,23 +357,26 @@ async fn connection(
                 }
                 session.body_written(result.as_ref().map(|_| ()));
             }
-            Step::Commit(env) => {
+            Step::Commit {
+                submission,
+                bare_line_endings,
+            } => {
                 let Some(w) = writer.take() else {
                     session.committed(Err(&crate::spool::SpoolError::Io(io::Error::other(
                         "no message open",
                     ))));
                     continue;
                 };
-                let meta = build_meta(&inbound.config, ip, &env);
-                let (from, rcpts, bare) = (
-                    meta.mail_from.clone(),
-                    meta.recipients.len(),
-                    env.bare_line_endings,
-                );
+                let account = &inbound
+                    .config
+                    .account_for(submission.client.login.as_deref())
+                    .name;
+                let meta = submission.meta(account);
+                let (from, rcpts) = (meta.mail_from.clone(), meta.recipients.len());
                 match w.commit(&inbound.spool, meta).await {
                     Ok(id) => {
-                        info!(queue_id = %id, from = %from.escape_debug(), recipients = rcpts, login = ?env.login,
-                              tls = env.tls, bare_line_endings = bare, "message queued");
+                        info!(queue_id = %id, from = %from.escape_debug(), recipients = rcpts, login = ?submission.client.login,
+                              tls = submission.client.tls, bare_line_endings, "message queued");
                         session.committed(Ok(&id));
                     }
                     Err(e) => {
@@ -425,18 +428,4 @@ async fn connection(
     if let Some(w) = writer.take() {
         w.abort().await;
     }
-}
-
-fn build_meta(config: &Config, ip: IpAddr, env: &Envelope) -> Meta {
-    let account = &config.account_for(env.login.as_deref()).name;
-    let client = Client {
-        ip,
-        helo: env.helo.clone(),
-        login: env.login.clone(),
-        tls: env.tls,
-    };
-    let mut meta = Meta::new(account, &env.mail_from, &env.recipients, client);
-    meta.eight_bit = env.eight_bit;
-    meta.smtputf8 = env.smtputf8;
-    meta
 }

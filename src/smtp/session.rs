@@ -13,11 +13,11 @@ use std::sync::Arc;
 
 use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
 
-use super::data::DotReader;
 use super::reply::{self, Reply};
 use super::sasl::{self, Credentials, SaslError};
 use crate::config::AuthMode;
-use crate::spool::SpoolError;
+use crate::spool::{Client, SpoolError};
+use crate::submission::{AddressRole, Normalizer, Source, Submission, parse_address};
 
 /// Longest command line accepted, CRLF included. RFC 5321 says 512; AUTH lines and old devices
 /// need more headroom, and RFC 4954 suggests 12288 for SASL.
@@ -51,7 +51,11 @@ pub enum Step {
     /// Append [`Session::body`] to the spool file, then call [`Session::body_written`].
     Body,
     /// The message is complete: commit it with this envelope, then call [`Session::committed`].
-    Commit(Envelope),
+    Commit {
+        submission: Submission,
+        /// Bare CR/LF line endings normalised in the body (for the log).
+        bare_line_endings: u64,
+    },
     /// Throw the spool file away (the reply is already in the outbox).
     AbortMessage,
     /// Flush the outbox, drop any input already read, then do the TLS handshake and call
@@ -59,19 +63,6 @@ pub enum Step {
     StartTls,
     /// Flush the outbox and close the connection.
     Close,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    pub mail_from: String,
-    pub recipients: Vec<String>,
-    pub eight_bit: bool,
-    pub smtputf8: bool,
-    pub helo: String,
-    pub login: Option<String>,
-    pub tls: bool,
-    /// Bare CR/LF line endings normalised in the body.
-    pub bare_line_endings: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +75,7 @@ pub enum AuthOutcome {
 
 #[derive(Debug)]
 struct DataState {
-    reader: DotReader,
+    reader: Normalizer,
     size: u64,
     too_big: bool,
     failed: Option<Reply>,
@@ -113,7 +104,7 @@ pub struct Session {
     tls: bool,
     helo: Option<(String, bool)>,
     login: Option<String>,
-    envelope: Option<Envelope>,
+    envelope: Option<Submission>,
     mode: Mode,
     line: Vec<u8>,
     line_overflow: bool,
@@ -624,20 +615,29 @@ impl Session {
         if declared > self.params.max_message_size {
             return self.reply(reply::message_too_big(self.params.max_message_size));
         }
-        let helo = self
-            .helo
-            .as_ref()
-            .map(|(h, _)| h.clone())
-            .unwrap_or_default();
-        self.envelope = Some(Envelope {
-            mail_from: strip_brackets(from).to_string(),
+        let mail_from = match parse_address(from, AddressRole::Sender) {
+            Ok(a) => a,
+            Err(e) => {
+                return self.reply(Reply::new(
+                    501,
+                    "5.1.7",
+                    format!("Bad sender address syntax: {e}"),
+                ));
+            }
+        };
+        let (helo, esmtp) = self.helo.clone().unwrap_or_default();
+        self.envelope = Some(Submission {
+            source: Source::Smtp { esmtp },
+            client: Client {
+                ip: self.peer,
+                helo,
+                login: self.login.clone(),
+                tls: self.tls,
+            },
+            mail_from,
             recipients: Vec::new(),
             eight_bit: flags & MAIL_BODY_8BITMIME != 0,
             smtputf8: flags & MAIL_SMTPUTF8 != 0,
-            helo,
-            login: self.login.clone(),
-            tls: self.tls,
-            bare_line_endings: 0,
         });
         self.reply(Reply::new(250, "2.1.0", "Sender OK"));
     }
@@ -647,10 +647,16 @@ impl Session {
         let Some(env) = self.envelope.as_mut() else {
             return self.reply(reply::bad_sequence("Need MAIL command first"));
         };
-        let to = strip_brackets(to);
-        if to.is_empty() {
-            return self.reply(Reply::new(501, "5.1.3", "Bad recipient address syntax"));
-        }
+        let to = match parse_address(to, AddressRole::Recipient) {
+            Ok(a) => a,
+            Err(e) => {
+                return self.reply(Reply::new(
+                    501,
+                    "5.1.3",
+                    format!("Bad recipient address syntax: {e}"),
+                ));
+            }
+        };
         if env.recipients.len() >= max {
             return self.reply(Reply::new(
                 452,
@@ -658,7 +664,7 @@ impl Session {
                 format!("Too many recipients (at most {max} per message)"),
             ));
         }
-        env.recipients.push(to.to_string());
+        env.recipients.push(to);
         self.reply(Reply::new(250, "2.1.5", "Recipient OK"));
     }
 
@@ -693,13 +699,9 @@ impl Session {
             return self.reply(reply::local_error());
         };
         self.body.clear();
-        self.body.extend_from_slice(
-            received_header(&self.params.hostname, self.peer, env, &id).as_bytes(),
-        );
-        let size = self.body.len() as u64;
         self.mode = Mode::Data(Box::new(DataState {
-            reader: DotReader::new(),
-            size,
+            reader: env.normalizer(&self.params.hostname, &id, true),
+            size: 0,
             too_big: false,
             failed: None,
             finished: false,
@@ -739,10 +741,12 @@ impl Session {
             self.reply(reply::local_error());
             return Step::AbortMessage;
         };
-        env.eight_bit |= d.reader.eight_bit;
-        env.bare_line_endings = d.reader.bare_line_endings;
+        env.eight_bit |= d.reader.eight_bit();
         self.mode = Mode::Wait;
-        Step::Commit(env)
+        Step::Commit {
+            submission: env,
+            bare_line_endings: d.reader.bare_line_endings(),
+        }
     }
 
     /// The driver's answer to [`Step::Commit`]: 250 only once the spool says it is durable.
@@ -817,17 +821,18 @@ fn bracket_address(line: &[u8]) -> Option<Vec<u8>> {
         .len();
     let rest = text[prefix_len..].trim_start();
     let rest = rest.trim_end_matches(['\r', '\n']);
-    let (addr, params) = match rest.find(' ') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
+    // `Scan Destination <a@b> SIZE=1`: the address is the bracketed part, a display name
+    // before it is dropped, parameters follow it.
+    let (addr, params) = match (rest.find('<'), rest.find('>')) {
+        (Some(open), Some(close)) if open < close => (&rest[open + 1..close], &rest[close + 1..]),
+        _ => match rest.find(' ') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        },
     };
     let addr = addr.trim_start_matches('<').trim_end_matches('>');
     let verb = &text[..prefix_len];
     Some(format!("{verb}<{addr}>{params}\r\n").into_bytes())
-}
-
-fn strip_brackets(s: &str) -> &str {
-    s.trim().trim_start_matches('<').trim_end_matches('>')
 }
 
 fn trim_line(line: &[u8]) -> &[u8] {
@@ -853,29 +858,6 @@ fn sanitize_helo(host: &str, peer: IpAddr) -> String {
     }
 }
 
-/// The trace header prepended to every message (RFC 5321 §4.4; protocol names per RFC 3848).
-pub fn received_header(hostname: &str, peer: IpAddr, env: &Envelope, id: &str) -> String {
-    let esmtp = true;
-    let proto = match (esmtp, env.tls, env.login.is_some()) {
-        (_, true, true) => "ESMTPSA",
-        (_, true, false) => "ESMTPS",
-        (_, false, true) => "ESMTPA",
-        (_, false, false) => "ESMTP",
-    };
-    let for_clause = match env.recipients.as_slice() {
-        [one] => format!(
-            "\r\n\tfor <{}>",
-            one.chars().filter(|c| !c.is_control()).collect::<String>()
-        ),
-        _ => String::new(),
-    };
-    let date = chrono::Utc::now().to_rfc2822();
-    format!(
-        "Received: from {} ([{}])\r\n\tby {} (exorelay) with {} id {}{}; {}\r\n",
-        env.helo, peer, hostname, proto, id, for_clause, date
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -896,7 +878,7 @@ mod tests {
     struct Harness {
         s: Session,
         body: Vec<u8>,
-        committed: Vec<Envelope>,
+        committed: Vec<Submission>,
         started_tls: bool,
         closed: bool,
     }
@@ -936,8 +918,8 @@ mod tests {
                         self.body.extend_from_slice(self.s.body());
                         self.s.body_written(Ok(()));
                     }
-                    Step::Commit(env) => {
-                        self.committed.push(env);
+                    Step::Commit { submission, .. } => {
+                        self.committed.push(submission);
                         self.s.committed(Ok("ID1"));
                     }
                     Step::AbortMessage => self.body.clear(),
@@ -980,7 +962,29 @@ mod tests {
             body.starts_with("Received: from dev ([127.0.0.2])"),
             "{body}"
         );
-        assert!(body.ends_with("Subject: t\r\n\r\nhello\r\n"), "{body}");
+        assert!(body.contains("\r\nSubject: t\r\nDate: "), "{body}");
+        assert!(
+            body.ends_with("Message-ID: <ID1@relay.test>\r\nFrom: <a@x>\r\n\r\nhello\r\n"),
+            "{body}"
+        );
+    }
+
+    #[test]
+    fn display_names_before_the_bracket_are_dropped() {
+        let mut h = Harness::new(params(AuthMode::Optional, false, false), true);
+        let out = h.feed(
+            b"HELO scanner\r\nMAIL FROM:Scanner 2F <scan@printer.local>\r\nRCPT TO:Scan Destination <boss@example.com> \r\nDATA\r\nx\r\n.\r\n",
+        );
+        assert_eq!(codes(&out), ["250", "250", "250", "354", "250"], "{out}");
+        assert_eq!(h.committed[0].mail_from, "scan@printer.local");
+        assert_eq!(h.committed[0].recipients, ["boss@example.com"]);
+    }
+
+    #[test]
+    fn control_characters_in_addresses_are_refused() {
+        let mut h = Harness::new(params(AuthMode::Optional, false, false), true);
+        let out = h.feed(b"EHLO d\r\nMAIL FROM:<a\x01b@x>\r\nMAIL FROM:<a@x>\r\nRCPT TO:<b\x7f@y>\r\nRCPT TO:<nodomain>\r\n");
+        assert_eq!(codes(&out), ["250", "501", "250", "501", "501"], "{out}");
     }
 
     #[test]

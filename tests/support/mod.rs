@@ -471,3 +471,19 @@ pub fn greets(port: u16) -> bool {
     let _ = (&s).write_all(b"QUIT\r\n");
     greeted
 }
+
+/// A captured message as text without the `Received:` line, with every `Date:` value masked as
+/// `*`, so a test can state exactly which headers the relay added (`Date`, `Message-ID`, `From`
+/// when the client left them out).
+pub fn masked(eml: &[u8]) -> String {
+    String::from_utf8_lossy(strip_received(eml))
+        .split_inclusive("\r\n")
+        .map(|l| {
+            if l.starts_with("Date: ") {
+                "Date: *\r\n"
+            } else {
+                l
+            }
+        })
+        .collect()
+}
