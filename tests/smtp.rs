@@ -411,32 +411,6 @@ async fn idle_timeout_and_http_and_connection_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn smuggled_end_of_data_stays_inside_the_message() {
-    let relay = TestRelay::start(&basic_config("")).await;
-    let mut c = Dialog::connect(relay.addr()).await;
-    c.expect("220").await;
-    c.cmd("EHLO d", "250").await;
-    c.cmd("MAIL FROM:<a@x.example>", "250").await;
-    c.cmd("RCPT TO:<r@example.com>", "250").await;
-    c.cmd("DATA", "354").await;
-    c.send_raw(b"Subject: smuggle\r\n\r\nhello\n.\nMAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nevil\r\n.\r\n")
-        .await;
-    c.expect("250 2.0.0").await;
-    c.cmd("QUIT", "221").await;
-    let got = wait_captured(&relay.path("capture"), 1).await;
-    assert_eq!(got.len(), 1);
-    assert!(masked(&got[0].1).ends_with(
-        "\r\n\r\nhello\r\n.\r\nMAIL FROM:<evil@x>\r\nRCPT TO:<victim@y>\r\nDATA\r\nevil\r\n"
-    ));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        wait_captured(&relay.path("capture"), 1).await.len(),
-        1,
-        "a second message was smuggled in"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn legacy_device_quirks_are_accepted() {
     let relay = TestRelay::start(&basic_config("")).await;
     let mut c = Dialog::connect(relay.addr()).await;

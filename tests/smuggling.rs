@@ -6,24 +6,9 @@ mod support;
 
 use std::time::Duration;
 
+use exorelay::smtp::data::FALSE_END_OF_DATA as VARIANTS;
 use support::*;
 use tokio::io::AsyncReadExt;
-
-/// False end-of-data sequences (SEC Consult's catalogue and the follow-ups by Postfix and
-/// Sendmail): each is followed by a forged transaction the receiver must not see as commands.
-const VARIANTS: &[&[u8]] = &[
-    b"\n.\n",
-    b"\n.\r\n",
-    b"\r.\r",
-    b"\r.\n",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\r\n.\n",
-    b"\r\n.\r\r\n",
-    b"\r\n\x00.\r\n",
-    b"\r\n.\x00\r\n",
-    b"\n\n.\n\n",
-];
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_false_end_of_data_lets_a_second_message_through() {
