@@ -242,6 +242,9 @@ pub struct AccountConfig {
     pub cloud: Cloud,
     /// Overrides the cloud's Entra authority (scheme and host).
     pub authority_url: Option<String>,
+    /// Overrides the cloud's token scope, for clouds the presets miss (e.g. US Government DoD:
+    /// `https://outlook-dod.office365.us/.default`).
+    pub scope: Option<String>,
     pub smtp_host: Option<String>,
     pub smtp_port: Option<u16>,
     /// Extra CA certificates (PEM) trusted for SMTP and HTTPS, beside the system roots.
@@ -966,7 +969,7 @@ impl Config {
                         a.tenant.as_deref().unwrap_or(""),
                         a.client_id.as_deref().unwrap_or(""),
                         a.token_url(),
-                        a.cloud.scope(),
+                        a.scope(),
                         a.smtp_host(),
                         a.smtp_port(),
                         a.rewrite_from,
@@ -996,6 +999,10 @@ impl AccountConfig {
     }
     pub fn smtp_host(&self) -> &str {
         self.smtp_host.as_deref().unwrap_or(self.cloud.smtp_host())
+    }
+    /// The token scope: `scope`, else the cloud's Exchange resource with `/.default`.
+    pub fn scope(&self) -> &str {
+        self.scope.as_deref().unwrap_or(self.cloud.scope())
     }
     pub fn smtp_port(&self) -> u16 {
         self.smtp_port.unwrap_or(587)
@@ -1127,6 +1134,16 @@ fn validate_exchange(a: &AccountConfig) -> Result<(), (&'static str, String)> {
                 ));
             }
         }
+    }
+    if let Some(scope) = &a.scope
+        && !(scope.starts_with("https://") && scope.ends_with("/.default"))
+    {
+        return Err((
+            "scope",
+            format!(
+                "{scope:?} must be the Exchange resource of your cloud with /.default, e.g. \"https://outlook-dod.office365.us/.default\""
+            ),
+        ));
     }
     if let Some(ca) = &a.ca_file
         && !ca.is_file()

@@ -117,7 +117,7 @@ async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
         a.mailbox.as_deref().unwrap_or("")
     ));
     r.line(format!("  token endpoint  {}", a.token_url()));
-    r.line(format!("  scope           {}", a.cloud.scope()));
+    r.line(format!("  scope           {}", a.scope()));
     r.line(format!(
         "  SMTP            {}:{} (STARTTLS, AUTH XOAUTH2)",
         a.smtp_host(),

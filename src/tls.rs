@@ -61,3 +61,31 @@ pub fn server_config_from_files(cert: &Path, key: &Path) -> Result<Arc<ServerCon
         .map_err(|e| TlsError::Mismatch(e.to_string()))?;
     Ok(Arc::new(config))
 }
+
+/// If `e` (or anything in its source chain) is a TLS certificate failure, says what rustls
+/// objected to. lettre and reqwest report handshake failures as connection errors with the
+/// rustls error a few sources down, often inside an `io::Error`, whose `source()` skips it.
+pub fn certificate_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    fn as_cert_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+        let r = e.downcast_ref::<rustls::Error>().or_else(|| {
+            e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        })?;
+        matches!(
+            r,
+            rustls::Error::InvalidCertificate(_)
+                | rustls::Error::NoCertificatesPresented
+                | rustls::Error::UnsupportedNameType
+        )
+        .then(|| r.to_string())
+    }
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(found) = as_cert_error(err) {
+            return Some(found);
+        }
+        cur = err.source();
+    }
+    None
+}

@@ -124,6 +124,11 @@ fn check_names_the_field_for_typical_mistakes() {
             format!("{GOOD}\n[[account]]\nname = \"contoso\"\nkind = \"exchange\"\nmailbox = \"relay@contoso.com\"\ntenant = \"common\"\nclient_id = \"x\"\nclient_secret_file = \"SECRETFILE\"\n"),
             "account[1].tenant: \"common\" cannot be used with client credentials (AADSTS9001023)",
         ),
+        (
+            "scope without /.default",
+            format!("{GOOD}\n[[account]]\nname = \"contoso\"\nkind = \"exchange\"\nmailbox = \"relay@contoso.com\"\ntenant = \"contoso.onmicrosoft.com\"\nclient_id = \"x\"\nclient_secret_file = \"SECRETFILE\"\nscope = \"https://outlook-dod.office365.us\"\n"),
+            "account[1].scope: \"https://outlook-dod.office365.us\" must be the Exchange resource of your cloud with /.default",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("exorelay.toml");

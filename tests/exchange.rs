@@ -817,3 +817,136 @@ async fn messages_waiting_for_a_connection_do_not_go_out_behind_a_throttle() {
         "an attempt waiting for the connection stood down"
     );
 }
+
+/// Failures outside Microsoft's documented replies, before the envelope: each pauses the account
+/// with advice that names its cause, keeps the mail queued (nothing bounced, no DSN), and the
+/// mail goes out once the fault is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn failures_before_the_envelope_pause_and_never_bounce() {
+    type Fault = fn(&mut Faults);
+    let cases: [(&str, Fault, &str); 6] = [
+        (
+            "middlebox banner",
+            |f| f.greeting = Some("554 5.7.1 Access denied by policy".into()),
+            "not one of Exchange Online's replies",
+        ),
+        (
+            "EHLO refused",
+            |f| f.ehlo_reply = Some("501 5.5.4 Invalid domain name".into()),
+            "greeting or EHLO",
+        ),
+        (
+            "masked banner, AUTH stripped",
+            |f| {
+                f.masked = true;
+                f.no_auth_after_tls = true;
+            },
+            "inspect esmtp",
+        ),
+        (
+            "tenant MX host",
+            |f| f.no_auth_after_tls = true,
+            "mail.protection.outlook.com",
+        ),
+        (
+            "334 error challenge",
+            |f| f.auth_challenge = true,
+            "error challenge (334)",
+        ),
+        (
+            "HVE invalid XOAUTH2 data",
+            |f| f.auth_always = Some("501 5.5.124 Invalid XOAUTH2 auth data".into()),
+            "XOAUTH2 login data",
+        ),
+    ];
+    for (name, fault, advice) in cases {
+        let fake = FakeExchange::start().await;
+        let c = creds(&fake, SECRET);
+        fault(&mut fake.faults());
+        let cfg = relay_config(&account(&fake, &c, "secret", ""), "")
+            + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
+        let relay = TestRelay::start(&cfg).await;
+        let id = submit(
+            &relay,
+            "scanner@printer.local",
+            &["boss@contoso.com"],
+            b"Subject: before the envelope\r\n\r\nx\r\n",
+        )
+        .await;
+        let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let account = loop {
+            let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
+            if v["accounts"][0]["state"] == "paused" {
+                break v["accounts"][0].clone();
+            }
+            assert!(Instant::now() < deadline, "{name}: never paused: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let text = account["advice"].to_string();
+        assert!(text.contains(advice), "{name}: advice {text}");
+        // Nothing bounced, nothing counted against the message.
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(relay.path("spool/queue").join(format!("{id}.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["recipients"][0]["status"], "pending", "{name}");
+        assert_eq!(
+            std::fs::read_dir(relay.path("spool/failed"))
+                .unwrap()
+                .count(),
+            0,
+            "{name}"
+        );
+        // The fault goes away; the next probe delivers.
+        *fake.faults() = Faults::default();
+        let got = wait_delivered(&fake, 1, 20).await;
+        assert_eq!(got.len(), 1, "{name}: only the message, no DSN");
+        wait_spool_empty(&relay).await;
+    }
+}
+
+/// A TLS-inspecting proxy presents a certificate this machine does not trust: the account pauses
+/// with advice naming TLS inspection, and mail stays queued.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_server_certificate_pauses_with_tls_inspection_advice() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = make_cert(other.path()).cert_path;
+    let cfg = relay_config(
+        &account(&fake, &c, "secret", "")
+            .replace(&c.ca.display().to_string(), &other_ca.display().to_string()),
+        "",
+    ) + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
+    let relay = TestRelay::start(&cfg).await;
+    let id = submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        b"Subject: t\r\n\r\nx\r\n",
+    )
+    .await;
+    let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
+        if v["accounts"][0]["state"] == "paused" {
+            let text = v["accounts"][0]["advice"].to_string();
+            assert!(
+                text.contains("TLS inspection") && text.contains("ca_file"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never paused: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        relay
+            .path("spool/queue")
+            .join(format!("{id}.json"))
+            .exists()
+    );
+    assert!(fake.delivered().is_empty());
+}

@@ -52,7 +52,27 @@ pub fn advise(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (Advice, boo
             "The app is registered as a public client, which may not use a secret or certificate (AADSTS700025).".into(),
             format!("In App registrations > {client} > Authentication, set 'Allow public client flows' to No."),
         )),
-        Some(65001) | Some(650056) | Some(650057) | Some(500011) => config(a(
+        Some(7000229) => config(a(
+            format!("App {client} has no service principal in tenant {tenant} (AADSTS7000229): it was registered, or consented to, but never instantiated there."),
+            format!("An administrator of {tenant} creates it: open https://login.microsoftonline.com/{tenant}/adminconsent?client_id={client} and accept, or run in Microsoft Graph PowerShell: New-MgServicePrincipal -AppId {client}. Then New-ServicePrincipal in Exchange Online as in the setup."),
+        )),
+        Some(900382) => config(a(
+            "The token request went to a different Microsoft cloud from the tenant's (AADSTS900382: cross-cloud request).".into(),
+            format!("Set cloud on account {acct:?} to the tenant's cloud: cloud = \"usgov\" for GCC High or DoD (login.microsoftonline.us), cloud = \"china\" for 21Vianet; GCC (moderate) stays \"global\"."),
+        )),
+        Some(1000502) => config(a(
+            "The certificate used to sign the client assertion is outside its validity period (AADSTS1000502).".into(),
+            format!("Create a new certificate, upload it under App registrations > {client} > Certificates & secrets > Certificates, and point certificate_file and private_key_file of account {acct:?} at it; check the clock of this machine too (timedatectl)."),
+        )),
+        Some(7000112) => config(a(
+            format!("Application {client} is disabled in tenant {tenant} (AADSTS7000112)."),
+            format!("Entra admin center > Enterprise applications > {client} > Properties: set 'Enabled for users to sign-in?' to Yes (or ask who disabled it and why)."),
+        )),
+        Some(500011) => config(a(
+            format!("The Exchange Online resource was not found in tenant {tenant} (AADSTS500011): the tenant has no Exchange Online, or the token went to the wrong cloud."),
+            format!("Check that {tenant} has Exchange Online licences and mailboxes, and that cloud on account {acct:?} matches the tenant (global, usgov, china); for a cloud the presets miss, set scope explicitly."),
+        )),
+        Some(65001) | Some(650056) | Some(650057) => config(a(
             format!("The app has no consented permission to send mail through Exchange Online (AADSTS{}).", code.unwrap_or(65001)),
             format!("In App registrations > {client} > API permissions: Add a permission > APIs my organization uses > Office 365 Exchange Online > Application permissions > SMTP.SendAsApp, then 'Grant admin consent for {tenant}'."),
         )),
@@ -61,8 +81,8 @@ pub fn advise(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (Advice, boo
             format!("In Entra admin center > Protection > Conditional Access, exclude the service principal of app {client} (workload identity) from the blocking policy, or allow this relay's public IP address."),
         )),
         Some(530035) => config(a(
-            "Security defaults blocked the sign-in (AADSTS530035).".into(),
-            "Use an app with client credentials (this account's setup) and review Entra admin center > Overview > Properties > Security defaults.".into(),
+            "Security defaults blocked the sign-in (AADSTS530035). Security defaults allow no exclusions.".into(),
+            format!("Either turn security defaults off and replace them with Conditional Access policies that exclude the service principal of app {client} (Entra admin center > Overview > Properties > Manage security defaults > Disabled, then Protection > Conditional Access), or keep them and use client credentials with a certificate for account {acct:?} (app-only sign-ins are not blocked by security defaults)."),
         )),
         Some(90002) | Some(900023) | Some(90038) => config(a(
             format!("Tenant {tenant:?} was not found (AADSTS{}).", code.unwrap_or(90002)),
@@ -123,8 +143,39 @@ mod tests {
         assert!(adv.fix.contains("SMTP.SendAsApp"));
         let (_, cfg) = advise(None, "temporarily_unavailable", &ctx);
         assert!(!cfg);
+        assert!(
+            advise(Some(900382), "invalid_request", &ctx)
+                .0
+                .fix
+                .contains("cloud = \"usgov\"")
+        );
+        assert!(
+            advise(Some(7000229), "invalid_client", &ctx)
+                .0
+                .fix
+                .contains("New-MgServicePrincipal -AppId abc")
+        );
+        assert!(
+            advise(Some(1000502), "invalid_client", &ctx)
+                .0
+                .fix
+                .contains("certificate_file")
+        );
+        assert!(
+            advise(Some(7000112), "unauthorized_client", &ctx)
+                .0
+                .fix
+                .contains("Enterprise applications")
+        );
+        assert!(
+            advise(Some(500011), "invalid_resource", &ctx)
+                .0
+                .cause
+                .contains("no Exchange Online")
+        );
         for code in [
-            7000222, 700016, 700027, 53003, 90002, 900023, 9001023, 50196,
+            7000222, 700016, 700027, 53003, 90002, 900023, 9001023, 50196, 7000229, 900382,
+            1000502, 7000112, 500011, 530035,
         ] {
             let (adv, _) = advise(Some(code), "x", &ctx);
             assert!(

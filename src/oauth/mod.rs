@@ -164,7 +164,7 @@ impl TokenManager {
             tenant: a.tenant.clone().unwrap_or_default(),
             token_url: a.token_url(),
             client_id: a.client_id.clone().unwrap_or_default(),
-            scope: a.cloud.scope().to_string(),
+            scope: a.scope().to_string(),
             credential,
             cache: tokio::sync::Mutex::new(Cache::default()),
             requests: AtomicU64::new(0),
@@ -333,7 +333,29 @@ impl TokenManager {
             .form(&form)
             .send()
             .await
-            .map_err(|e| self.transient(without_url(&e)))?;
+            .map_err(|e| match crate::tls::certificate_problem(&e) {
+                Some(why) => {
+                    let host = e
+                        .url()
+                        .map(|u| {
+                            format!(
+                                "{}:{}",
+                                u.host_str().unwrap_or(""),
+                                u.port_or_known_default().unwrap_or(443)
+                            )
+                        })
+                        .unwrap_or_else(|| self.token_url.clone());
+                    TokenError {
+                        error: "untrusted_certificate".into(),
+                        code: None,
+                        config: true,
+                        advice: crate::upstream::exchange::classify::untrusted_certificate(
+                            &host, &why,
+                        ),
+                    }
+                }
+                None => self.transient(without_url(&e)),
+            })?;
         let status = response.status();
         let body = response
             .bytes()

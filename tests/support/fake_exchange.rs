@@ -50,6 +50,16 @@ pub struct Faults {
     pub rcpt_reject: HashMap<String, String>,
     /// How long a scripted MAIL reply (`mail_once`) takes, as a busy server's would.
     pub mail_fault_delay: Duration,
+    /// Replaces the `220` banner (a middlebox's refusal, say); the session closes after a 5xx.
+    pub greeting: Option<String>,
+    /// Replaces every EHLO/HELO reply.
+    pub ehlo_reply: Option<String>,
+    /// EHLO after STARTTLS offers no AUTH (a tenant MX host, or inspection stripping it).
+    pub no_auth_after_tls: bool,
+    /// Banner and EHLO name masked with asterisks, as Cisco ASA's `inspect esmtp` does.
+    pub masked: bool,
+    /// AUTH XOAUTH2 is answered with a Gmail-style `334` error challenge, then `535`.
+    pub auth_challenge: bool,
 }
 
 pub struct FakeState {
@@ -430,15 +440,23 @@ impl Drop for ConnGuard {
     }
 }
 
-fn ehlo(tls: bool, pipelining: bool) -> String {
-    let last = if tls {
-        "250-AUTH LOGIN XOAUTH2\r\n"
+fn ehlo(tls: bool, pipelining: bool, f: &Faults) -> String {
+    if let Some(r) = &f.ehlo_reply {
+        return format!("{r}\r\n");
+    }
+    let last = match (tls, f.no_auth_after_tls) {
+        (true, false) => "250-AUTH LOGIN XOAUTH2\r\n",
+        (true, true) => "",
+        (false, _) => "250-STARTTLS\r\n",
+    };
+    let name = if f.masked {
+        "******************************"
     } else {
-        "250-STARTTLS\r\n"
+        "fake.outlook.office365.com Hello [127.0.0.1]"
     };
     let pipelining = if pipelining { "250-PIPELINING\r\n" } else { "" };
     format!(
-        "250-fake.outlook.office365.com Hello [127.0.0.1]\r\n250-SIZE 157286400\r\n{pipelining}250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n{last}250-8BITMIME\r\n250-BINARYMIME\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
+        "250-{name}\r\n250-SIZE 157286400\r\n{pipelining}250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n{last}250-8BITMIME\r\n250-BINARYMIME\r\n250-CHUNKING\r\n250 SMTPUTF8\r\n"
     )
 }
 
@@ -485,9 +503,20 @@ async fn smtp_session(
     };
     let mut from: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
-    io.get_mut()
-        .write_all(b"220 FAKE.outlook.office365.com Microsoft ESMTP MAIL Service ready\r\n")
-        .await?;
+    let banner = {
+        let f = st.faults.lock().unwrap();
+        match (&f.greeting, f.masked) {
+            (Some(g), _) => format!("{g}\r\n"),
+            (None, true) => "220 ***************************************\r\n".to_string(),
+            (None, false) => {
+                "220 FAKE.outlook.office365.com Microsoft ESMTP MAIL Service ready\r\n".to_string()
+            }
+        }
+    };
+    io.get_mut().write_all(banner.as_bytes()).await?;
+    if !banner.starts_with("220") {
+        return Ok(());
+    }
     loop {
         let mut line = String::new();
         if io.read_line(&mut line).await? == 0 {
@@ -496,7 +525,8 @@ async fn smtp_session(
         let cmd = line.trim_end().to_string();
         let upper = cmd.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
-            ehlo(tls, st.pipelining.load(Ordering::SeqCst))
+            let f = st.faults.lock().unwrap();
+            ehlo(tls, st.pipelining.load(Ordering::SeqCst), &f)
         } else if upper == "STARTTLS" {
             io.get_mut()
                 .write_all(b"220 2.0.0 SMTP server ready\r\n")
@@ -528,6 +558,18 @@ async fn smtp_session(
                         l
                     }
                 };
+                if st.faults.lock().unwrap().auth_challenge {
+                    // {"status":"401","schemes":"Bearer"}
+                    io.get_mut()
+                        .write_all(b"334 eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiQmVhcmVyIn0=\r\n")
+                        .await?;
+                    let mut l = String::new();
+                    io.read_line(&mut l).await?;
+                    io.get_mut()
+                        .write_all(b"535 5.7.8 Username and Password not accepted\r\n")
+                        .await?;
+                    continue;
+                }
                 let forced = st.faults.lock().unwrap().auth_always.clone();
                 match (forced, check_xoauth2(&st, &payload)) {
                     (Some(f), _) => format!("{f}\r\n"),

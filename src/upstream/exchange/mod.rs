@@ -28,7 +28,7 @@ use super::{AccountSignal, Attempt, BoxFuture, Job, Outcome, Upstream};
 use crate::advice::Advice;
 use crate::config::{AccountConfig, RewriteFrom};
 use crate::oauth::{AccessToken, TokenManager};
-use classify::{Class, Ctx, classify, split_lettre_error};
+use classify::{Class, Ctx, Phase, classify, split_lettre_error};
 use pacer::Pacer;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -155,12 +155,16 @@ impl Exchange {
         Ctx {
             mailbox: &self.mailbox,
             client_id: &self.client_id,
+            rewrite_from: self.rewrite_from,
         }
     }
 
-    fn classify_error(&self, e: &lettre::transport::smtp::Error) -> (Class, String) {
+    fn classify_error(&self, phase: Phase, e: &lettre::transport::smtp::Error) -> (Class, String) {
         match split_lettre_error(e) {
-            Some((code, text)) => (classify(code, &text, &self.ctx()), format!("{code} {text}")),
+            Some((code, text)) => (
+                classify(phase, code, &text, &self.ctx()),
+                format!("{code} {text}"),
+            ),
             None => (Class::Temporary, e.to_string()),
         }
     }
@@ -226,7 +230,7 @@ impl Exchange {
         let mut conn = match tokio::time::timeout(COMMAND_TIMEOUT, greeting).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
-                let (class, text) = self.classify_error(&e);
+                let (class, text) = self.classify_error(Phase::Connect, &e);
                 return Err(match class {
                     Class::Temporary => {
                         ConnError::Temporary(format!("cannot connect to {addr}: {text}"))
@@ -259,14 +263,21 @@ impl Exchange {
         .await
         {
             Ok(Ok(())) => {}
-            Ok(Err(e)) if e.is_tls() => {
+            Ok(Err(e)) if e.is_tls() || crate::tls::certificate_problem(&e).is_some() => {
+                let why = crate::tls::certificate_problem(&e).unwrap_or_else(|| e.to_string());
                 return Err(ConnError::Class(
-                    Class::Config(Advice::new(
-                        format!("TLS with {addr} failed: {e}."),
-                        "Check smtp_host (it must match the server certificate) and that this machine trusts the server's CA (install ca-certificates, or set ca_file).",
-                    )),
-                    e.to_string(),
+                    Class::Config(classify::untrusted_certificate(&addr, &why)),
+                    format!("TLS with {addr}: {why}"),
                 ));
+            }
+            Ok(Err(e)) if split_lettre_error(&e).is_some() => {
+                let (class, text) = self.classify_error(Phase::Connect, &e);
+                return Err(match class {
+                    Class::Temporary => {
+                        ConnError::Temporary(format!("STARTTLS with {addr} failed: {text}"))
+                    }
+                    other => ConnError::Class(other, text),
+                });
             }
             Ok(Err(e)) => {
                 return Err(ConnError::Temporary(format!(
@@ -290,6 +301,17 @@ impl Exchange {
             self.pipelining
                 .store(offered, std::sync::atomic::Ordering::Relaxed);
         }
+        if !conn
+            .server_info()
+            .supports_auth_mechanism(Mechanism::Xoauth2)
+        {
+            let masked = conn.server_info().name().contains("***");
+            conn.abort().await;
+            return Err(ConnError::Class(
+                Class::Config(classify::no_xoauth2(&addr, masked)),
+                "EHLO after STARTTLS offers no AUTH XOAUTH2".into(),
+            ));
+        }
         let token = match self.tokens.token().await {
             Ok(t) => t,
             Err(e) if e.config => return Err(ConnError::Class(Class::Config(e.advice), e.error)),
@@ -300,29 +322,34 @@ impl Exchange {
         {
             Ok(Ok(_)) => Ok((conn, token)),
             Ok(Err(e)) => {
-                let parsed = split_lettre_error(&e);
-                let is_573 = parsed
-                    .as_ref()
-                    .is_some_and(|(code, text)| *code == 535 && text.starts_with("5.7.3"));
-                if is_573 && may_refresh {
-                    info!(account = %self.account, "Exchange refused the access token (535 5.7.3); refreshing it and retrying once");
-                    self.tokens.invalidate(&token).await;
-                    conn.abort().await;
-                    return Box::pin(self.open(false)).await;
+                let (class, text) = if e.is_client() || split_lettre_error(&e).is_none() {
+                    // A 334 error challenge after the token (lettre cannot answer it): the
+                    // server refused the token, as with 535 5.7.3.
+                    (
+                        Class::TokenRefused(classify::challenge_refused(
+                            &self.ctx(),
+                            &e.to_string(),
+                        )),
+                        format!("AUTH XOAUTH2: {e}"),
+                    )
+                } else {
+                    self.classify_error(Phase::Auth, &e)
+                };
+                conn.abort().await;
+                match class {
+                    Class::TokenRefused(_) if may_refresh => {
+                        info!(account = %self.account, reply = %text, "Exchange refused the access token; refreshing it and retrying once");
+                        self.tokens.invalidate(&token).await;
+                        Box::pin(self.open(false)).await
+                    }
+                    Class::TokenRefused(advice) => {
+                        Err(ConnError::Class(Class::Config(advice), text))
+                    }
+                    Class::Temporary => {
+                        Err(ConnError::Temporary(format!("AUTH at {addr}: {text}")))
+                    }
+                    other => Err(ConnError::Class(other, text)),
                 }
-                if is_573 {
-                    let text = parsed.map(|(_, t)| t).unwrap_or_default();
-                    return Err(ConnError::Class(
-                        Class::Config(classify::auth_unsuccessful(&text, &self.ctx())),
-                        format!("535 {text}"),
-                    ));
-                }
-                if e.is_client() {
-                    // e.g. a 334 error challenge lettre does not answer: the token was refused.
-                    return Err(ConnError::Temporary(format!("AUTH XOAUTH2 failed: {e}")));
-                }
-                let (class, text) = self.classify_error(&e);
-                Err(ConnError::Class(class, text))
             }
             Err(_) => Err(ConnError::Temporary(format!(
                 "AUTH at {addr}: {}",
@@ -418,7 +445,7 @@ impl Exchange {
                     }
                 }
                 Ok(Err(e)) => {
-                    let (class, text) = self.classify_error(&e);
+                    let (class, text) = self.classify_error(Phase::Transaction, &e);
                     conn.abort().await;
                     return self.class_for_all(class, &text, n);
                 }
@@ -445,7 +472,7 @@ impl Exchange {
             {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
-                    let (class, text) = self.classify_error(&e);
+                    let (class, text) = self.classify_error(Phase::Transaction, &e);
                     let (o, s) = self.recipient_outcome(class, text);
                     outcomes[i] = Some(o);
                     if s.is_some() {
@@ -555,7 +582,7 @@ impl Exchange {
                 }
             };
             if let (Err(e), None) = (reply, &mail_error) {
-                let (class, text) = self.classify_error(&e);
+                let (class, text) = self.classify_error(Phase::Transaction, &e);
                 let (o, s) = self.recipient_outcome(class, text);
                 outcomes[i] = Some(o);
                 if s.is_some() && signal.is_none() {
@@ -572,7 +599,7 @@ impl Exchange {
         };
         if let Some(e) = mail_error {
             conn.abort().await;
-            let (class, text) = self.classify_error(&e);
+            let (class, text) = self.classify_error(Phase::Transaction, &e);
             return Ok(Envelope::Done(self.class_for_all(class, &text, n)));
         }
         let any_accepted = outcomes.iter().any(Option::is_none);
@@ -594,7 +621,7 @@ impl Exchange {
             }
             Err(e) => {
                 let (fill, s) = if any_accepted && signal.is_none() {
-                    let (class, text) = self.classify_error(&e);
+                    let (class, text) = self.classify_error(Phase::Transaction, &e);
                     self.recipient_outcome(class, text)
                 } else {
                     (
@@ -672,7 +699,7 @@ impl Exchange {
                 (Outcome::Delivered(text), true)
             }
             Err(Some(e)) => {
-                let (class, text) = self.classify_error(&e);
+                let (class, text) = self.classify_error(Phase::Transaction, &e);
                 let (o, s) = self.recipient_outcome(class, text);
                 signal = s;
                 (o, e.is_response() || e.is_permanent() || e.is_transient())
@@ -700,7 +727,11 @@ impl Exchange {
     fn recipient_outcome(&self, class: Class, text: String) -> (Outcome, Option<AccountSignal>) {
         match class {
             Class::Temporary => (Outcome::Temporary(text), None),
-            Class::Permanent => (Outcome::Permanent(text), None),
+            Class::Permanent(None) => (Outcome::Permanent(text), None),
+            Class::Permanent(Some(advice)) => (
+                Outcome::Permanent(format!("{text} ({} Fix: {})", advice.cause, advice.fix)),
+                None,
+            ),
             Class::Throttled(wait) => (
                 Outcome::NotAttempted(text.clone()),
                 Some(AccountSignal::Throttled {
@@ -708,7 +739,7 @@ impl Exchange {
                     reason: text,
                 }),
             ),
-            Class::Config(advice) => (
+            Class::Config(advice) | Class::TokenRefused(advice) => (
                 Outcome::NotAttempted(text),
                 Some(AccountSignal::Paused(advice)),
             ),
