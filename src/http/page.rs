@@ -1,17 +1,22 @@
 //! The status page: one server-rendered page an administrator can leave open. No script, no
 //! external assets (the relay runs on networks without internet); everything that came from a
 //! message or a device is HTML-escaped.
+//!
+//! Logging in with the admin token (`/login`, limited per client address) starts a session; the
+//! cookie carries the session's random secret, never the token. Buttons are forms that carry the
+//! session's CSRF token and are accepted only from this origin (see `auth`).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use super::api::{Filter, account_command, account_views, list, queue_command};
-use super::{Access, AppState, Credential, SESSION_COOKIE, authorize, check_csrf};
+use super::auth::{AdminForm, Reader, SESSION_COOKIE, SESSION_LIFETIME, same_origin, same_secret};
+use super::{AppState, Peer, Refusal};
 use crate::spool::Area;
 
 const PAGE_SIZE: usize = 50;
@@ -54,34 +59,33 @@ th{background:#f4f4f4}.ok{color:#176b1d;font-weight:600}.bad{color:#b00020;font-
 form.inline{display:inline}button{margin:0 2px}.muted{color:#777}.msg{background:#e8f4ff;padding:6px;border-left:3px solid #2a7de1}\
 code{font-size:12px}nav a{margin-right:1em}";
 
-fn button(
-    state: &AppState,
-    can_write: bool,
-    kind: &str,
-    name: &str,
-    action: &str,
-    label: &str,
-) -> String {
-    if !can_write {
+/// A button that posts `action` for `name`; nothing for callers who may not press it (`csrf`
+/// is `None`).
+fn button(csrf: Option<&str>, kind: &str, name: &str, action: &str, label: &str) -> String {
+    let Some(csrf) = csrf else {
         return String::new();
-    }
+    };
     format!(
         "<form class=\"inline\" method=\"post\" action=\"/ui/{kind}/{}/{action}\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\" name=\"do\" value=\"{action}\" data-action=\"{action}\">{label}</button></form>",
         esc(name),
-        state.csrf()
+        esc(csrf)
     )
 }
 
 pub async fn status_page(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    reader: Result<Reader, Refusal>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let cred = match authorize(&state, &headers, Access::Read) {
-        Ok(c) => c,
-        Err(_) => return Redirect::to("/login").into_response(),
+    let cred = match reader {
+        Ok(Reader(c)) => c,
+        Err(r) if r.status == StatusCode::UNAUTHORIZED => {
+            return Redirect::to("/login").into_response();
+        }
+        Err(r) => return r.into_response(),
     };
-    let can_write = state.has_token() && cred != Credential::Anonymous;
+    let csrf = if state.has_token() { cred.csrf() } else { None };
+    let can_write = csrf.is_some();
     let page: usize = q
         .get("page")
         .and_then(|p| p.parse().ok())
@@ -120,7 +124,8 @@ pub async fn status_page(
     if can_write {
         let _ = write!(
             h,
-            "<form class=\"inline\" method=\"post\" action=\"/logout\"><button>Log out</button></form>"
+            "<form class=\"inline\" method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button>Log out</button></form>",
+            esc(csrf.unwrap_or(""))
         );
     } else if state.has_token() {
         let _ = write!(h, "<a href=\"/login\">Log in to retry, hold or delete</a>");
@@ -198,9 +203,9 @@ pub async fn status_page(
             .map(esc)
             .unwrap_or_else(|| "-".into());
         let action = if st == "paused" {
-            button(&state, can_write, "accounts", &name, "resume", "Resume")
+            button(csrf, "accounts", &name, "resume", "Resume")
         } else {
-            button(&state, can_write, "accounts", &name, "pause", "Pause")
+            button(csrf, "accounts", &name, "pause", "Pause")
         };
         let _ = write!(
             h,
@@ -235,21 +240,17 @@ pub async fn status_page(
     for m in &messages {
         let mut actions = String::new();
         match m.state {
-            "held" => actions.push_str(&button(
-                &state, can_write, "queue", &m.id, "release", "Release",
-            )),
+            "held" => actions.push_str(&button(csrf, "queue", &m.id, "release", "Release")),
             "failed" | "deleted" => {
-                actions.push_str(&button(&state, can_write, "queue", &m.id, "retry", "Retry"))
+                actions.push_str(&button(csrf, "queue", &m.id, "retry", "Retry"))
             }
             _ => {
-                actions.push_str(&button(&state, can_write, "queue", &m.id, "retry", "Retry"));
-                actions.push_str(&button(&state, can_write, "queue", &m.id, "hold", "Hold"));
+                actions.push_str(&button(csrf, "queue", &m.id, "retry", "Retry"));
+                actions.push_str(&button(csrf, "queue", &m.id, "hold", "Hold"));
             }
         }
         if m.state != "deleted" {
-            actions.push_str(&button(
-                &state, can_write, "queue", &m.id, "delete", "Delete",
-            ));
+            actions.push_str(&button(csrf, "queue", &m.id, "delete", "Delete"));
         }
         let to = if m.recipients.len() > 3 {
             format!(
@@ -349,36 +350,74 @@ pub async fn login_form(State(state): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
+fn login_refused(status: StatusCode, text: &str) -> Response {
+    (
+        status,
+        Html(format!(
+            "<!doctype html><p>{}. <a href=\"/login\">Try again</a></p>",
+            esc(text)
+        )),
+    )
+        .into_response()
+}
+
+/// Checks the admin token typed into the form and starts a session. Limited per client
+/// address (`429` with `Retry-After` while locked out); a foreign `Origin` is refused.
 pub async fn login(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     axum::Form(form): axum::Form<HashMap<String, String>>,
 ) -> Response {
-    let given = form
-        .get("token")
-        .map(|t| t.trim().to_string())
-        .unwrap_or_default();
-    let mut probe = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {given}")) {
-        probe.insert(header::AUTHORIZATION, v);
+    let now = tokio::time::Instant::now();
+    let ip = peer.0.ip();
+    if headers.contains_key(header::ORIGIN)
+        && let Err(r) = same_origin(&state, &headers)
+    {
+        return r.into_response();
     }
-    if let Some(o) = headers.get(header::ORIGIN) {
-        probe.insert(header::ORIGIN, o.clone());
+    if let Err(wait) = state.sessions.login_allowed(ip, now) {
+        tracing::warn!(client = %ip, "status page login refused: too many wrong tokens");
+        let mut r = login_refused(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!(
+                "Too many wrong tokens from this address; try again in {}",
+                humantime::format_duration(std::time::Duration::from_secs(wait.as_secs() + 1))
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
+        return r;
     }
-    if !state.has_token() || authorize(&state, &probe, Access::Write).is_err() || given.is_empty() {
-        tracing::warn!("status page login failed");
-        return (
-            StatusCode::UNAUTHORIZED,
-            Html("<!doctype html><p>Wrong admin token. <a href=\"/login\">Try again</a></p>"),
-        )
-            .into_response();
+    let given = form.get("token").map(|t| t.trim()).unwrap_or_default();
+    let right = state
+        .token
+        .as_deref()
+        .is_some_and(|expected| !given.is_empty() && same_secret(expected, given));
+    if !right {
+        state.sessions.login_failed(ip, now);
+        tracing::warn!(client = %ip, "status page login failed");
+        return login_refused(StatusCode::UNAUTHORIZED, "Wrong admin token");
     }
+    state.sessions.login_succeeded(ip);
+    let secret = match state.sessions.create(now) {
+        Ok((secret, _)) => secret,
+        Err(_) => {
+            return login_refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "No random numbers for a session secret",
+            );
+        }
+    };
     let secure = if state.config.http.tls.is_some() {
         "; Secure"
     } else {
         ""
     };
-    let cookie = format!("{SESSION_COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/{secure}");
+    let cookie = format!(
+        "{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
+        SESSION_LIFETIME.as_secs()
+    );
     let mut r = Redirect::to("/").into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
@@ -386,7 +425,15 @@ pub async fn login(
     r
 }
 
-pub async fn logout() -> Response {
+/// Ends the session named by the cookie (from this origin only) and clears the cookie. Ending
+/// a session needs no CSRF token: the worst a forged logout does is log the page out.
+pub async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = same_origin(&state, &headers) {
+        return r.into_response();
+    }
+    if let Some(secret) = super::auth::cookie(&headers, SESSION_COOKIE) {
+        state.sessions.remove(&secret);
+    }
     let mut r = Redirect::to("/").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
@@ -395,22 +442,12 @@ pub async fn logout() -> Response {
     r
 }
 
-/// The page's buttons: cookie + CSRF token, then the same command the API would send.
+/// The page's buttons: the same command the API would send.
 pub async fn ui_action(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path((kind, name, action)): Path<(String, String, String)>,
-    axum::Form(form): axum::Form<HashMap<String, String>>,
+    AdminForm(_, _): AdminForm,
 ) -> Response {
-    let cred = match authorize(&state, &headers, Access::Write) {
-        Ok(c) => c,
-        Err(r) => return r.into_response(),
-    };
-    if cred == Credential::Cookie
-        && let Err(r) = check_csrf(&state, &headers, form.get("csrf").map(String::as_str))
-    {
-        return r.into_response();
-    }
     let cmd = match kind.as_str() {
         "queue" if crate::spool::is_queue_id(&name) => queue_command(&action, name),
         "accounts" => account_command(&action, name),
