@@ -1454,11 +1454,12 @@ async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool 
 #[tokio::test(flavor = "multi_thread")]
 async fn half_sent_requests_are_cut_off_at_the_limits() {
     let h = Http::start_with(
-        "header_timeout = \"600ms\"\nrequest_timeout = \"1s\"\nmax_connections = 40\nmax_connections_per_client = 4",
+        "header_timeout = \"2s\"\nrequest_timeout = \"1s\"\nmax_connections = 40\nmax_connections_per_client = 4",
     )
     .await;
     let addr = h.addr();
     // One client (127.0.0.2) opens 30 connections and sends half a request on each.
+    let opened = Instant::now();
     let mut hostile = Vec::new();
     for _ in 0..30 {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
@@ -1479,13 +1480,38 @@ async fn half_sent_requests_are_cut_off_at_the_limits() {
     .await;
     assert!(status.contains("200"), "{status}");
     assert!(started.elapsed() < Duration::from_millis(500));
-    // All 30 are closed: those over the per-client limit at once, the rest at header_timeout.
-    let started = Instant::now();
+    // Those over the per-client limit were closed at once; 4 wait for their headers.
+    let mut still_open = 0;
+    for s in &mut hostile {
+        if !closed_within(s, Duration::from_millis(20)).await {
+            still_open += 1;
+        }
+    }
+    if opened.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(still_open, 4);
+    }
+    // And those 4 are cut off at header_timeout.
     for s in &mut hostile {
         assert!(closed_within(s, Duration::from_secs(3)).await);
     }
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        opened.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        opened.elapsed()
+    );
+
+    // A kept-alive connection that sits idle is closed at header_timeout too.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    assert!(closed_within(&mut idle, Duration::from_secs(4)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
         "{:?}",
         started.elapsed()
     );
