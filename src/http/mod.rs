@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod html;
 pub mod page;
 pub mod serve;
 
