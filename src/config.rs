@@ -989,7 +989,7 @@ impl Config {
             Some(l) => {
                 let _ = writeln!(
                     s,
-                    "http: {}://{l} admin token {}",
+                    "http: {}://{l} admin token {}; max_connections={} (per client {}) header_timeout={} request_timeout={}",
                     if self.http.tls.is_some() {
                         "https"
                     } else {
@@ -999,7 +999,11 @@ impl Config {
                         "<redacted>"
                     } else {
                         "not set (read-only on loopback)"
-                    }
+                    },
+                    self.http.max_connections,
+                    self.http.max_connections_per_client,
+                    humantime::format_duration(self.http.header_timeout),
+                    humantime::format_duration(self.http.request_timeout)
                 );
             }
             None => {
