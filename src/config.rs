@@ -265,13 +265,46 @@ pub struct AccountConfig {
 }
 
 /// The HTTP side: health, metrics, queue API, status page. Off unless `listen` is set.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: Option<SocketAddr>,
     /// File holding the bearer token for the API and the status page's buttons.
     pub admin_token_file: Option<PathBuf>,
     pub tls: Option<HttpTls>,
+    /// HTTP connections open at once; more are closed as soon as they are accepted.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
+    /// HTTP connections open at once from one client address.
+    #[serde(default = "default_http_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// Time for the TLS handshake and for a request's headers; also how long a kept-alive
+    /// connection may wait idle for its next request.
+    #[serde(
+        default = "default_http_header_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub header_timeout: Duration,
+    /// Time for reading a request's body and answering it.
+    #[serde(
+        default = "default_http_request_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: None,
+            admin_token_file: None,
+            tls: None,
+            max_connections: default_http_max_connections(),
+            max_connections_per_client: default_http_max_connections_per_client(),
+            header_timeout: default_http_header_timeout(),
+            request_timeout: default_http_request_timeout(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -396,6 +429,18 @@ fn default_rate_window() -> Duration {
 }
 fn default_dsn() -> DsnTo {
     DsnTo::Sender
+}
+fn default_http_max_connections() -> usize {
+    64
+}
+fn default_http_max_connections_per_client() -> usize {
+    16
+}
+fn default_http_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_http_request_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 fn default_keep_deleted() -> Duration {
     Duration::from_secs(7 * 24 * 3600)
@@ -812,6 +857,28 @@ impl Config {
                 }
                 None => {}
             }
+            if self.http.max_connections == 0 {
+                return Err(here.err(&at("max_connections"), "must be at least 1"));
+            }
+            if self.http.max_connections_per_client == 0
+                || self.http.max_connections_per_client > self.http.max_connections
+            {
+                return Err(here.err(
+                    &at("max_connections_per_client"),
+                    format!(
+                        "must be between 1 and max_connections ({})",
+                        self.http.max_connections
+                    ),
+                ));
+            }
+            for (k, d) in [
+                ("header_timeout", self.http.header_timeout),
+                ("request_timeout", self.http.request_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(here.err(&at(k), "must be longer than 0s"));
+                }
+            }
             if let Some(t) = &self.http.tls
                 && let Err(e) = crate::tls::server_config_from_files(&t.cert, &t.key)
             {
@@ -925,7 +992,7 @@ impl Config {
             Some(l) => {
                 let _ = writeln!(
                     s,
-                    "http: {}://{l} admin token {}",
+                    "http: {}://{l} admin token {}; max_connections={} (per client {}) header_timeout={} request_timeout={}",
                     if self.http.tls.is_some() {
                         "https"
                     } else {
@@ -935,7 +1002,11 @@ impl Config {
                         "<redacted>"
                     } else {
                         "not set (read-only on loopback)"
-                    }
+                    },
+                    self.http.max_connections,
+                    self.http.max_connections_per_client,
+                    humantime::format_duration(self.http.header_timeout),
+                    humantime::format_duration(self.http.request_timeout)
                 );
             }
             None => {
@@ -1221,6 +1292,32 @@ dir = "cap"
         assert_eq!(parse_size("100"), Ok(100));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("5XB").is_err());
+    }
+
+    #[test]
+    fn http_limits_default_and_are_checked() {
+        let http = "\n[http]\nlisten = \"127.0.0.1:8025\"\n";
+        let c = parse(&format!("{MINIMAL}{http}")).expect("valid");
+        assert_eq!(c.http.max_connections, 64);
+        assert_eq!(c.http.max_connections_per_client, 16);
+        assert_eq!(c.http.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.request_timeout, Duration::from_secs(60));
+        for (extra, field) in [
+            ("max_connections = 0", "http.max_connections"),
+            (
+                "max_connections_per_client = 0",
+                "http.max_connections_per_client",
+            ),
+            (
+                "max_connections = 4\nmax_connections_per_client = 5",
+                "http.max_connections_per_client",
+            ),
+            ("header_timeout = \"0s\"", "http.header_timeout"),
+            ("request_timeout = \"0s\"", "http.request_timeout"),
+        ] {
+            let e = parse(&format!("{MINIMAL}{http}{extra}\n")).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -199,7 +199,16 @@ async fn queue_api_hold_release_delete_retry() {
         show.get("body").is_none(),
         "the body is only shown on request"
     );
-    let with_body = h.get_json(&format!("/api/v1/queue/{id}?body=true")).await;
+    let with_body: serde_json::Value = h
+        .client
+        .get(h.url(&format!("/api/v1/queue/{id}?body=true")))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(
         with_body["body"]
             .as_str()
@@ -399,6 +408,7 @@ async fn http_submission_goes_through_the_spool_like_smtp() {
         .client
         .post(h.url("/api/v1/messages?to=a@b"))
         .bearer_auth(TOKEN)
+        .header("content-type", "message/rfc822")
         .body(raw)
         .send()
         .await
@@ -409,6 +419,7 @@ async fn http_submission_goes_through_the_spool_like_smtp() {
         .client
         .post(&url)
         .bearer_auth(TOKEN)
+        .header("content-type", "message/rfc822")
         .body(big)
         .send()
         .await
@@ -554,6 +565,7 @@ async fn status_page_escapes_and_protects_its_buttons() {
         .client
         .post(&hold)
         .header("cookie", &session)
+        .header("origin", h.origin())
         .form(&[("do", "hold")])
         .send()
         .await
@@ -574,6 +586,7 @@ async fn status_page_escapes_and_protects_its_buttons() {
             .client
             .post(&hold)
             .header("cookie", &session)
+            .header("origin", h.origin())
             .form(&[("csrf", csrf.as_str())])
             .send()
             .await
@@ -596,6 +609,7 @@ async fn status_page_paginates_a_big_queue() {
             .client
             .post(h.url("/api/v1/messages?from=a@b.example&to=c@d.example"))
             .bearer_auth(TOKEN)
+            .header("content-type", "message/rfc822")
             .body(format!("Subject: bulk {i}\r\n\r\nx\r\n"))
             .send()
             .await
@@ -980,4 +994,550 @@ async fn https_when_a_certificate_is_configured() {
     // Plain HTTP on the TLS port gets nowhere.
     let plain = reqwest::get(format!("http://127.0.0.1:{}/healthz", addr.port())).await;
     assert!(plain.is_err() || !plain.unwrap().status().is_success());
+}
+
+// ---------- hardened edges: auth before the body, sessions, CSRF, Host, limits ----------
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+impl Http {
+    /// Like `start`, with extra `[http]` keys.
+    async fn start_with(http_extra: &str) -> Http {
+        init_logs();
+        let token_dir = tempfile::tempdir().unwrap();
+        let token_file = token_dir.path().join("admin.token");
+        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let cfg = basic_config("")
+            + &format!(
+                "\n[http]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = \"{}\"\n{http_extra}\n",
+                token_file.display()
+            );
+        let relay = TestRelay::start(&cfg).await;
+        let base = format!("http://{}", relay.http.expect("http side bound"));
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client.get(format!("{base}/healthz")).send().await.is_err() {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Http {
+            relay,
+            base,
+            client,
+            _token_dir: token_dir,
+        }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        self.relay.http.unwrap()
+    }
+
+    fn origin(&self) -> String {
+        self.base.clone()
+    }
+
+    /// Logs in through the form; returns the `name=value` cookie pair.
+    async fn login(&self) -> String {
+        let r = self
+            .client
+            .post(self.url("/login"))
+            .header("origin", self.origin())
+            .form(&[("token", TOKEN)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 303);
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    /// The CSRF token the page shows to a logged-in session.
+    async fn csrf(&self, session: &str) -> String {
+        let page = self
+            .client
+            .get(self.url("/"))
+            .header("cookie", session)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        page.split("name=\"csrf\" value=\"")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no CSRF token on the page: {page}"))
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string()
+    }
+}
+
+/// Sends `request` on a fresh connection and reads the status line, within `within`.
+async fn raw_status(addr: std::net::SocketAddr, request: &str, within: Duration) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(within, s.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("no answer within {within:?} to {request:?}"))
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unauthenticated_large_post_is_refused_before_the_body() {
+    let h = Http::start("", "").await;
+    let addr = h.addr();
+    // 20 MB announced (within max_message_size), not one body byte sent.
+    for path in [
+        "/api/v1/messages?from=a@b.example&to=c@d.example",
+        "/api/v1/accounts/local/pause",
+    ] {
+        let status = raw_status(
+            addr,
+            &format!(
+                "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: message/rfc822\r\nContent-Length: 20000000\r\n\r\n"
+            ),
+            Duration::from_secs(3),
+        )
+        .await;
+        assert!(status.starts_with("HTTP/1.1 401"), "{path}: {status}");
+    }
+    // With a wrong token too.
+    let status = raw_status(
+        addr,
+        &format!(
+            "POST /api/v1/messages?from=a@b.example&to=c@d.example HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer wrong-wrong-wrong-wrong\r\nContent-Type: message/rfc822\r\nContent-Length: 20000000\r\n\r\n"
+        ),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submission_needs_a_mail_or_json_content_type() {
+    let h = Http::start("", "").await;
+    let url = h.url("/api/v1/messages?from=a@b.example&to=c@d.example");
+    for ctype in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut req = h
+            .client
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .body("Subject: x\r\n\r\nx\r\n");
+        if let Some(c) = ctype {
+            req = req.header("content-type", c);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 415, "{ctype:?}");
+    }
+    // A cookie from the page does not make a cross-site text/plain post work either.
+    let session = h.login().await;
+    let r = h
+        .client
+        .post(&url)
+        .header("cookie", &session)
+        .header("origin", "http://evil.example")
+        .header("content-type", "text/plain")
+        .body("Subject: x\r\n\r\nx\r\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        h.get_json("/api/v1/queue").await["total"],
+        0,
+        "nothing queued"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cookie_sessions_need_csrf_and_same_origin_and_end_at_logout() {
+    let h = Http::start("", "").await;
+    let session = h.login().await;
+    assert!(
+        !session.contains(TOKEN),
+        "the cookie holds a session secret, not the admin token: {session}"
+    );
+    let csrf = h.csrf(&session).await;
+    let pause = h.url("/api/v1/accounts/local/pause");
+    let state = async || h.get_json("/api/v1/accounts").await["accounts"][0]["state"].clone();
+
+    // Foreign origin, missing origin, missing CSRF token: all refused, nothing changes.
+    let cases: [(&str, Option<&str>, Option<&str>); 5] = [
+        ("foreign origin", Some("http://evil.example"), Some(&csrf)),
+        ("null origin", Some("null"), Some(&csrf)),
+        ("no origin or referer", None, Some(&csrf)),
+        ("no CSRF token", Some(&h.base), None),
+        (
+            "wrong CSRF token",
+            Some(&h.base),
+            Some("0123456789abcdef0123456789abcdef"),
+        ),
+    ];
+    for (what, origin, token) in cases {
+        let mut req = h.client.post(&pause).header("cookie", &session);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        if let Some(t) = token {
+            req = req.header("x-csrf-token", t);
+        }
+        assert_eq!(req.send().await.unwrap().status(), 403, "{what}");
+        assert_eq!(state().await, "active", "{what}");
+    }
+    // Same origin (as Origin, or as Referer when there is no Origin) with the token works.
+    let r = h
+        .client
+        .post(&pause)
+        .header("cookie", &session)
+        .header("origin", h.origin())
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(state().await, "paused");
+    let r = h
+        .client
+        .post(h.url("/api/v1/accounts/local/resume"))
+        .header("cookie", &session)
+        .header("referer", h.url("/"))
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(state().await, "active");
+    // The page's form with the token in its body works the same way.
+    let r = h
+        .client
+        .post(h.url("/ui/accounts/local/pause"))
+        .header("cookie", &session)
+        .header("origin", h.origin())
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    assert_eq!(state().await, "paused");
+
+    // Logout ends the session: the same cookie is worth nothing afterwards.
+    let r = h
+        .client
+        .post(h.url("/logout"))
+        .header("cookie", &session)
+        .header("origin", h.origin())
+        .form(&[("csrf", csrf.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let r = h
+        .client
+        .post(h.url("/api/v1/accounts/local/resume"))
+        .header("cookie", &session)
+        .header("origin", h.origin())
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(state().await, "paused");
+    // A made-up session secret is refused too.
+    let r = h
+        .client
+        .post(h.url("/api/v1/accounts/local/resume"))
+        .header("cookie", format!("exorelay_session={TOKEN}"))
+        .header("origin", h.origin())
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_logs_clean(&[TOKEN]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logins_are_rate_limited_per_client() {
+    let h = Http::start("", "").await;
+    for i in 0..5 {
+        let r = h
+            .client
+            .post(h.url("/login"))
+            .form(&[("token", format!("wrong-token-{i}"))])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "attempt {i}");
+    }
+    // Even the right token is refused while the address is locked out.
+    let r = h
+        .client
+        .post(h.url("/login"))
+        .form(&[("token", TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    // Bearer calls (CLI, scripts) are not affected.
+    assert_eq!(
+        h.post("/api/v1/accounts/local/pause", Some(TOKEN))
+            .await
+            .status(),
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn anonymous_reads_need_a_loopback_host_header() {
+    let h = Http::start("", "").await;
+    let port = h.addr().port();
+    let get = async |host: String, path: &str, token: bool| {
+        let mut req = h.client.get(h.url(path)).header("host", host);
+        if token {
+            req = req.bearer_auth(TOKEN);
+        }
+        req.send().await.unwrap().status()
+    };
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LocalHost:{port}"),
+        "localhost".to_string(),
+    ] {
+        assert_eq!(
+            get(host.clone(), "/api/v1/queue", false).await,
+            200,
+            "{host}"
+        );
+    }
+    // DNS rebinding: a foreign name that resolves to 127.0.0.1 must not read anything.
+    for host in [
+        format!("evil.example:{port}"),
+        format!("localhost.evil.example:{port}"),
+        format!("127.0.0.1.evil.example:{port}"),
+    ] {
+        assert_eq!(
+            get(host.clone(), "/api/v1/queue", false).await,
+            403,
+            "{host}"
+        );
+        assert_eq!(
+            get(host.clone(), "/api/v1/accounts", false).await,
+            403,
+            "{host}"
+        );
+        assert_eq!(get(host.clone(), "/", false).await, 403, "{host}");
+        // With the token the Host does not matter (a rebinding page does not have it).
+        assert_eq!(
+            get(host.clone(), "/api/v1/queue", true).await,
+            200,
+            "{host}"
+        );
+    }
+    // Health and metrics stay open for monitoring.
+    assert_eq!(get("monitor.lan".into(), "/healthz", false).await, 200);
+    // Message bodies need the token even on loopback.
+    let id = submit_smtp(&h.relay, "secret content").await;
+    assert_eq!(
+        get(
+            format!("127.0.0.1:{port}"),
+            &format!("/api/v1/queue/{id}?body=true"),
+            false
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        get(
+            format!("127.0.0.1:{port}"),
+            &format!("/api/v1/queue/{id}?body=true"),
+            true
+        )
+        .await,
+        200
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_connections_do_not_delay_others() {
+    // Plain HTTP.
+    let h = Http::start("", "").await;
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        silent.push(tokio::net::TcpStream::connect(h.addr()).await.unwrap());
+    }
+    let started = Instant::now();
+    let status = raw_status(
+        h.addr(),
+        &format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", h.addr()),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(status.contains("200"), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // HTTPS: silent clients that never send a ClientHello.
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path());
+    let cfg = basic_config("")
+        + &format!(
+            "\n[http]\nlisten = \"127.0.0.1:0\"\n[http.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            cert.cert_path.display(),
+            cert.key_path.display()
+        );
+    let relay = TestRelay::start(&cfg).await;
+    let addr = relay.http.unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert_pem.as_bytes()).unwrap())
+        .resolve("localhost", addr)
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}/healthz", addr.port());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.get(&url).send().await.is_err() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut silent_tls = Vec::new();
+    for _ in 0..5 {
+        silent_tls.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A new client, so the request needs a new connection and a new handshake.
+    let fresh = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.cert_pem.as_bytes()).unwrap())
+        .resolve("localhost", addr)
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let r = fresh.get(&url).send().await.expect("healthz over TLS");
+    assert_eq!(r.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Reads until EOF or error; returns whether the connection was closed within `within`.
+async fn closed_within(s: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(within, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_sent_requests_are_cut_off_at_the_limits() {
+    let h = Http::start_with(
+        "header_timeout = \"2s\"\nrequest_timeout = \"1s\"\nmax_connections = 40\nmax_connections_per_client = 4",
+    )
+    .await;
+    let addr = h.addr();
+    // One client (127.0.0.2) opens 30 connections and sends half a request on each.
+    let opened = Instant::now();
+    let mut hostile = Vec::new();
+    for _ in 0..30 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        let _ = s
+            .write_all(b"GET /api/v1/queue HTTP/1.1\r\nHost: 127.")
+            .await;
+        hostile.push(s);
+    }
+    // Another client is served at once.
+    let started = Instant::now();
+    let status = raw_status(
+        addr,
+        &format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(status.contains("200"), "{status}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // Those over the per-client limit were closed at once; 4 wait for their headers.
+    let mut still_open = 0;
+    for s in &mut hostile {
+        if !closed_within(s, Duration::from_millis(20)).await {
+            still_open += 1;
+        }
+    }
+    if opened.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(still_open, 4);
+    }
+    // And those 4 are cut off at header_timeout.
+    for s in &mut hostile {
+        assert!(closed_within(s, Duration::from_secs(3)).await);
+    }
+    assert!(
+        opened.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        opened.elapsed()
+    );
+
+    // A kept-alive connection that sits idle is closed at header_timeout too.
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    idle.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let started = Instant::now();
+    assert!(closed_within(&mut idle, Duration::from_secs(4)).await);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A body that stops halfway is cut off at request_timeout.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /api/v1/messages?from=a@b.example&to=c@d.example HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: message/rfc822\r\nContent-Length: 1000\r\n\r\nSubject: half\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("cut off at request_timeout")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(h.get_json("/api/v1/queue").await["total"], 0);
 }

@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{Access, AppState, Peer, authorize, error};
+use super::auth::{Admin, Reader};
+use super::{AppState, Peer, error};
 use crate::forward::{Command, ControlError};
 use crate::spool::{Area, Client, Meta, id_time, is_queue_id};
 use crate::submission::{AddressRole, Source, Submission, parse_address};
@@ -182,12 +183,9 @@ pub fn list(spool: &crate::spool::Spool, filter: &Filter) -> (usize, Vec<Summary
 
 pub async fn queue_list(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Reader,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers, Access::Read) {
-        return r.into_response();
-    }
     let filter = match Filter::from_query(&q) {
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
@@ -202,12 +200,17 @@ pub async fn queue_list(
 
 pub async fn queue_show(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    reader: Reader,
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers, Access::Read) {
-        return r.into_response();
+    let want_body = q.get("body").is_some_and(|v| v == "true" || v == "1");
+    if want_body && !reader.may_read_bodies(&state) {
+        return super::Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            message: "message bodies need the admin token: Authorization: Bearer <token from [http] admin_token_file>".into(),
+        }
+        .into_response();
     }
     let Some(area) = state.spool.locate(&id) else {
         return error(
@@ -243,7 +246,7 @@ pub async fn queue_show(
         "eight_bit": meta.eight_bit,
         "smtputf8": meta.smtputf8,
     });
-    if q.get("body").is_some_and(|v| v == "true" || v == "1") {
+    if want_body {
         match std::fs::read(state.spool.body_in(area, &id)) {
             Ok(b) => {
                 body["body"] = serde_json::Value::String(String::from_utf8_lossy(&b).into_owned())
@@ -290,12 +293,9 @@ pub fn account_command(action: &str, name: String) -> Option<Command> {
 
 pub async fn queue_action(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers, Access::Write) {
-        return r.into_response();
-    }
     if !is_queue_id(&id) {
         return error(StatusCode::NOT_FOUND, "not a queue ID");
     }
@@ -310,12 +310,9 @@ pub async fn queue_action(
 
 pub async fn queue_delete(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers, Access::Write) {
-        return r.into_response();
-    }
     if !is_queue_id(&id) {
         return error(StatusCode::NOT_FOUND, "not a queue ID");
     }
@@ -348,21 +345,15 @@ pub fn account_views(state: &AppState) -> Vec<serde_json::Value> {
         .collect()
 }
 
-pub async fn accounts(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = authorize(&state, &headers, Access::Read) {
-        return r.into_response();
-    }
+pub async fn accounts(State(state): State<Arc<AppState>>, _: Reader) -> Response {
     axum::Json(serde_json::json!({ "accounts": account_views(&state) })).into_response()
 }
 
 pub async fn account_action(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    _: Admin,
     Path((name, action)): Path<(String, String)>,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers, Access::Write) {
-        return r.into_response();
-    }
     match account_command(&action, name) {
         Some(cmd) => control_response(state.control.send(cmd).await),
         None => error(StatusCode::NOT_FOUND, "unknown action; use pause or resume"),
@@ -417,19 +408,72 @@ fn build_json_message(m: &JsonMessage, rcpts: &[String]) -> Result<Vec<u8>, Stri
     Ok(msg.formatted())
 }
 
+/// The body of a submission, read only after the caller was authorised (extractors before it
+/// run first) and only when its type is one a browser cannot send cross-site without CORS:
+/// `message/rfc822` or `application/json` (anything else, or none, is `415`). At most
+/// `max_message_size` plus 64 KB (for JSON framing) is read; more is `413`, decided from
+/// `Content-Length` before reading where the client sends one.
+pub struct SubmissionBody(pub axum::body::Bytes);
+
+impl FromRequest<Arc<AppState>> for SubmissionBody {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let ctype = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let essence = ctype.split(';').next().unwrap_or("").trim();
+        if essence != "message/rfc822" && essence != "application/json" {
+            return Err(error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send message/rfc822 (a raw message) or application/json",
+            ));
+        }
+        let max = state.config.relay.max_message_size;
+        let limit = max as usize + 64 * 1024;
+        let too_large = || {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("message exceeds max_message_size ({max} bytes)"),
+            )
+        };
+        let announced = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        use http_body_util::BodyExt;
+        match http_body_util::Limited::new(req.into_body(), limit)
+            .collect()
+            .await
+        {
+            Ok(b) => Ok(SubmissionBody(b.to_bytes())),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+            Err(e) => Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the request body: {e}"),
+            )),
+        }
+    }
+}
+
 /// `POST /api/v1/messages`: a raw message (`message/rfc822`, envelope from `from`/`to` query
 /// parameters or `X-Envelope-From`/`X-Envelope-To` headers) or JSON `{from, to, subject, text}`.
 /// Answers 202 with the queue ID once the message is durably in the spool.
 pub async fn submit(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
+    _: Admin,
     headers: HeaderMap,
     Query(q): Query<Vec<(String, String)>>,
-    body: axum::body::Bytes,
+    SubmissionBody(body): SubmissionBody,
 ) -> Response {
-    if let Err(r) = authorize(&state, &headers, Access::Write) {
-        return r.into_response();
-    }
     let config = &state.config;
     let max = config.relay.max_message_size;
     if body.len() as u64 > max {
@@ -484,10 +528,7 @@ pub async fn submit(
             Err(e) => return error(StatusCode::BAD_REQUEST, e),
         };
         (from, rcpts, built, m.account.clone())
-    } else if ctype.starts_with("message/rfc822")
-        || ctype.starts_with("text/plain")
-        || ctype.is_empty()
-    {
+    } else if ctype.starts_with("message/rfc822") {
         let from = query("from")
             .into_iter()
             .chain(header_values("x-envelope-from"))

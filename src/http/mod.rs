@@ -2,24 +2,28 @@
 //! status page. It only reads state and sends commands to the forwarder; it never reaches into
 //! an SMTP session or an upstream connection.
 //!
-//! Access: `/healthz`, `/readyz` and `/metrics` are open. Other reads are open when the listener
-//! is on loopback and need the admin token otherwise. Every state-changing call needs the admin
-//! token, as `Authorization: Bearer …` (API) or as the session cookie set by `/login` (status
-//! page), in which case the form must also carry the CSRF token and come from this origin.
+//! Access (decided by the extractors in `auth`, before any body is read): `/healthz`,
+//! `/readyz` and `/metrics` are open. Other reads are open on a loopback listener to requests
+//! whose `Host` is a loopback name, and need the admin token or a page login otherwise; message
+//! bodies need one whenever a token is configured. Every state-changing call needs the admin
+//! token as `Authorization: Bearer …`, or the page's session cookie plus this origin plus the
+//! session's CSRF token. Connections, timeouts and TLS handshakes are handled in `serve`.
 
 pub mod api;
+pub mod auth;
+pub mod html;
 pub mod page;
+pub mod serve;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::connect_info::Connected;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -27,7 +31,7 @@ use crate::forward::{Control, Status};
 use crate::metrics::Metrics;
 use crate::spool::{Area, Spool};
 
-pub const SESSION_COOKIE: &str = "exorelay_session";
+pub use auth::SESSION_COOKIE;
 
 /// Everything the handlers read or command.
 pub struct AppState {
@@ -38,6 +42,8 @@ pub struct AppState {
     pub control: Control,
     /// Set once the SMTP listeners are bound and the forwarder runs.
     pub ready: Arc<AtomicBool>,
+    /// Status-page logins and login failures.
+    pub sessions: auth::Sessions,
     token: Option<String>,
     loopback: bool,
 }
@@ -60,23 +66,10 @@ impl AppState {
             status,
             control,
             ready,
+            sessions: auth::Sessions::default(),
             token,
             loopback,
         }
-    }
-
-    /// The CSRF token for forms: derived from the admin token, so it needs no server state.
-    pub fn csrf(&self) -> String {
-        let t = self.token.as_deref().unwrap_or("");
-        let d = ring::digest::digest(
-            &ring::digest::SHA256,
-            format!("exorelay-csrf\0{t}").as_bytes(),
-        );
-        d.as_ref()
-            .iter()
-            .take(16)
-            .map(|b| format!("{b:02x}"))
-            .collect()
     }
 
     pub fn has_token(&self) -> bool {
@@ -87,18 +80,6 @@ impl AppState {
 /// The client address, for listeners with and without TLS.
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
-
-impl Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
-
-impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        Peer(*stream.remote_addr())
-    }
-}
 
 /// Why a request was refused; becomes a JSON error response.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,104 +115,6 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
         axum::Json(serde_json::json!({ "error": message.into() })),
     )
         .into_response()
-}
-
-/// Constant-time comparison of two secrets (compares their SHA-256 digests).
-fn same_secret(a: &str, b: &str) -> bool {
-    let da = ring::digest::digest(&ring::digest::SHA256, a.as_bytes());
-    let db = ring::digest::digest(&ring::digest::SHA256, b.as_bytes());
-    da.as_ref()
-        .iter()
-        .zip(db.as_ref())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
-fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == name).then(|| v.to_string())
-        })
-}
-
-/// How a request proved it is the administrator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Credential {
-    Bearer,
-    Cookie,
-    /// Nothing presented; allowed only for reads on loopback.
-    Anonymous,
-}
-
-pub enum Access {
-    Read,
-    Write,
-}
-
-/// Checks the request's credential for `access`; on refusal returns the response to send.
-pub fn authorize(
-    state: &AppState,
-    headers: &HeaderMap,
-    access: Access,
-) -> Result<Credential, Refusal> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| (t.trim().to_string(), Credential::Bearer));
-    let presented =
-        bearer.or_else(|| cookie(headers, SESSION_COOKIE).map(|t| (t, Credential::Cookie)));
-    let unauthorized = |msg: &str| refuse(StatusCode::UNAUTHORIZED, msg);
-    match (&state.token, presented) {
-        (Some(expected), Some((given, how))) => {
-            if same_secret(expected, &given) {
-                Ok(how)
-            } else {
-                Err(unauthorized("wrong admin token"))
-            }
-        }
-        (Some(_), None) => match access {
-            Access::Read if state.loopback => Ok(Credential::Anonymous),
-            _ => Err(unauthorized(
-                "this call needs the admin token: Authorization: Bearer <token from [http] admin_token_file>",
-            )),
-        },
-        (None, _) => match access {
-            Access::Read => Ok(Credential::Anonymous),
-            Access::Write => Err(refuse(
-                StatusCode::FORBIDDEN,
-                "state-changing calls are disabled: set [http] admin_token_file in the config",
-            )),
-        },
-    }
-}
-
-/// For cookie-authenticated form posts: the request must come from this origin and carry the
-/// CSRF token.
-pub fn check_csrf(
-    state: &AppState,
-    headers: &HeaderMap,
-    form_token: Option<&str>,
-) -> Result<(), Refusal> {
-    let forbidden = |m: &str| refuse(StatusCode::FORBIDDEN, m);
-    if let (Some(origin), Some(host)) = (
-        headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        headers.get(header::HOST).and_then(|v| v.to_str().ok()),
-    ) {
-        let origin_host = origin.split("://").nth(1).unwrap_or("");
-        if origin != "null" && origin_host != host {
-            return Err(forbidden("cross-site request refused"));
-        }
-    }
-    match form_token {
-        Some(t) if same_secret(t, &state.csrf()) => Ok(()),
-        _ => Err(forbidden("missing or wrong CSRF token; reload the page")),
-    }
 }
 
 async fn healthz() -> &'static str {
@@ -306,7 +189,6 @@ async fn metrics(axum::extract::State(state): axum::extract::State<Arc<AppState>
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let max_body = state.config.relay.max_message_size as usize + 64 * 1024;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -322,16 +204,52 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/api/v1/accounts/{name}/{action}",
             post(api::account_action),
         )
-        .route(
-            "/api/v1/messages",
-            post(api::submit).layer(axum::extract::DefaultBodyLimit::max(max_body)),
-        )
+        .route("/api/v1/messages", post(api::submit))
         .route("/", get(page::status_page))
-        .route("/login", get(page::login_form).post(page::login))
+        .route(
+            "/login",
+            get(page::login_form)
+                .post(page::login)
+                .layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT)),
+        )
         .route("/logout", post(page::logout))
-        .route("/ui/{kind}/{name}/{action}", post(page::ui_action))
+        .route(
+            "/ui/{kind}/{name}/{action}",
+            post(page::ui_action).layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT)),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.config.http.request_timeout,
+            request_timeout,
+        ))
         .layer(axum::middleware::from_fn(security_headers))
         .with_state(state)
+}
+
+/// The page's forms are a token or a CSRF token and a button: a few hundred bytes.
+const FORM_LIMIT: usize = 16 * 1024;
+
+/// Bounds reading the body and answering (`[http] request_timeout`): a client that stops
+/// sending halfway through a body gets `408` and the connection is closed.
+async fn request_timeout(
+    axum::extract::State(limit): axum::extract::State<std::time::Duration>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request was not completed within {} ([http] request_timeout)",
+                    humantime::format_duration(limit)
+                ),
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        }
+    }
 }
 
 /// Headers that keep the page from being framed or sniffed; no external assets are used.
@@ -355,69 +273,19 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
     res
 }
 
-/// A TLS listener for axum: the handshake is bounded so a silent client cannot stall accepts.
-pub struct TlsListener {
-    inner: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let (tcp, addr) = match self.inner.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            match tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                self.acceptor.accept(tcp),
-            )
-            .await
-            {
-                Ok(Ok(s)) => return (s, addr),
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, client = %addr, "http TLS handshake failed")
-                }
-                Err(_) => tracing::debug!(client = %addr, "http TLS handshake timed out"),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
 /// Serves the HTTP side on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(state.clone()).into_make_service_with_connect_info::<Peer>();
-    match &state.config.http.tls {
-        Some(t) => {
-            let config = crate::tls::server_config_from_files(&t.cert, &t.key)
-                .map_err(std::io::Error::other)?;
-            let tls = TlsListener {
-                inner: listener,
-                acceptor: tokio_rustls::TlsAcceptor::from(config),
-            };
-            axum::serve(tls, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        }
-        None => {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        }
-    }
+    let tls = match &state.config.http.tls {
+        Some(t) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::server_config_from_files(&t.cert, &t.key).map_err(std::io::Error::other)?,
+        )),
+        None => None,
+    };
+    let limits = serve::Limits::from_config(&state.config.http);
+    serve::run(listener, router(state), tls, limits, shutdown).await;
+    Ok(())
 }

@@ -1,48 +1,36 @@
 //! The status page: one server-rendered page an administrator can leave open. No script, no
-//! external assets (the relay runs on networks without internet); everything that came from a
-//! message or a device is HTML-escaped.
+//! external assets (the relay runs on networks without internet). The page is built with
+//! `html::Markup`, whose markup comes only from templates in this file and which escapes every
+//! value, so nothing that came from a message or a device can become markup.
+//!
+//! Logging in with the admin token (`/login`, limited per client address) starts a session; the
+//! cookie carries the session's random secret, never the token. Buttons are forms that carry the
+//! session's CSRF token and are accepted only from this origin (see `auth`).
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 
 use super::api::{Filter, account_command, account_views, list, queue_command};
-use super::{Access, AppState, Credential, SESSION_COOKIE, authorize, check_csrf};
+use super::auth::{AdminForm, Reader, SESSION_COOKIE, SESSION_LIFETIME, same_origin, same_secret};
+use super::html::Markup;
+use super::{AppState, Peer, Refusal};
 use crate::spool::Area;
 
 const PAGE_SIZE: usize = 50;
 
-/// HTML-escapes text for element content and attribute values.
-pub fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c if c.is_control() && c != '\n' => out.push('\u{fffd}'),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 fn ago(t: chrono::DateTime<chrono::Utc>) -> String {
     let secs = (chrono::Utc::now() - t).num_seconds().max(0) as u64;
-    let d = std::time::Duration::from_secs(secs);
     match secs {
         0..=59 => format!("{secs}s ago"),
         60..=3599 => format!("{}m ago", secs / 60),
         3600..=86399 => format!("{}h {}m ago", secs / 3600, (secs % 3600) / 60),
         _ => format!(
             "{} ago",
-            humantime::format_duration(std::time::Duration::from_secs(d.as_secs() / 3600 * 3600))
+            humantime::format_duration(std::time::Duration::from_secs(secs / 3600 * 3600))
         ),
     }
 }
@@ -54,45 +42,67 @@ th{background:#f4f4f4}.ok{color:#176b1d;font-weight:600}.bad{color:#b00020;font-
 form.inline{display:inline}button{margin:0 2px}.muted{color:#777}.msg{background:#e8f4ff;padding:6px;border-left:3px solid #2a7de1}\
 code{font-size:12px}nav a{margin-right:1em}";
 
-fn button(
-    state: &AppState,
-    can_write: bool,
-    kind: &str,
-    name: &str,
-    action: &str,
-    label: &str,
-) -> String {
-    if !can_write {
-        return String::new();
+/// The document's start, up to and including `<body>`.
+fn head(h: &mut Markup, title: &str, refresh: bool) {
+    h.put(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        &[],
+    );
+    if refresh {
+        h.put("<meta http-equiv=\"refresh\" content=\"30\">", &[]);
     }
-    format!(
-        "<form class=\"inline\" method=\"post\" action=\"/ui/{kind}/{}/{action}\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\" name=\"do\" value=\"{action}\" data-action=\"{action}\">{label}</button></form>",
-        esc(name),
-        state.csrf()
-    )
+    // STYLE is a constant of this file, so it goes in as a template with no placeholders.
+    h.put("<title>{}</title><style>", &[&title]);
+    h.put(STYLE, &[]);
+    h.put("</style></head><body>", &[]);
+}
+
+/// A button that posts `action` for `name`; nothing for callers who may not press it (`csrf`
+/// is `None`).
+fn button(
+    h: &mut Markup,
+    csrf: Option<&str>,
+    kind: &'static str,
+    name: &str,
+    action: &'static str,
+    label: &'static str,
+) {
+    let Some(csrf) = csrf else {
+        return;
+    };
+    h.put(
+        "<form class=\"inline\" method=\"post\" action=\"/ui/{}/{}/{}\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\" name=\"do\" value=\"{}\" data-action=\"{}\">{}</button></form>",
+        &[&kind, &name, &action, &csrf, &action, &action, &label],
+    );
 }
 
 pub async fn status_page(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
+    reader: Result<Reader, Refusal>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    let cred = match authorize(&state, &headers, Access::Read) {
-        Ok(c) => c,
-        Err(_) => return Redirect::to("/login").into_response(),
+    let cred = match reader {
+        Ok(Reader(c)) => c,
+        Err(r) if r.status == StatusCode::UNAUTHORIZED => {
+            return Redirect::to("/login").into_response();
+        }
+        Err(r) => return r.into_response(),
     };
-    let can_write = state.has_token() && cred != Credential::Anonymous;
+    let csrf = if state.has_token() { cred.csrf() } else { None };
     let page: usize = q
         .get("page")
         .and_then(|p| p.parse().ok())
         .unwrap_or(1)
         .max(1);
-    let view = q.get("state").cloned().unwrap_or_else(|| "active".into());
+    let view: &'static str = match q.get("state").map(String::as_str) {
+        Some("held") => "held",
+        Some("failed") => "failed",
+        Some("deleted") => "deleted",
+        Some("all") => "all",
+        _ => "active",
+    };
     let filter = Filter {
-        state: match view.as_str() {
-            "held" | "failed" | "deleted" | "all" => Some(view.clone()),
-            _ => None,
-        },
+        state: (view != "active").then(|| view.to_string()),
         account: None,
         older_than: None,
         offset: (page - 1) * PAGE_SIZE,
@@ -110,32 +120,32 @@ pub async fn status_page(
     .await
     .unwrap_or_default();
 
-    let mut h = String::with_capacity(32 * 1024);
-    let host = esc(&state.config.hostname);
-    let _ = write!(
-        h,
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"30\"><title>exorelay on {host}</title><style>{STYLE}</style></head><body>"
-    );
-    let _ = write!(h, "<h1>exorelay on {host}</h1><nav>");
-    if can_write {
-        let _ = write!(
-            h,
-            "<form class=\"inline\" method=\"post\" action=\"/logout\"><button>Log out</button></form>"
+    let mut h = Markup::new();
+    let host = state.config.hostname.as_str();
+    head(&mut h, &format!("exorelay on {host}"), true);
+    h.put("<h1>exorelay on {}</h1><nav>", &[&host]);
+    if let Some(csrf) = csrf {
+        h.put(
+            "<form class=\"inline\" method=\"post\" action=\"/logout\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button>Log out</button></form>",
+            &[&csrf],
         );
     } else if state.has_token() {
-        let _ = write!(h, "<a href=\"/login\">Log in to retry, hold or delete</a>");
+        h.put(
+            "<a href=\"/login\">Log in to retry, hold or delete</a>",
+            &[],
+        );
     } else {
-        let _ = write!(
-            h,
-            "<span class=\"muted\">Read-only: set [http] admin_token_file to enable actions</span>"
+        h.put(
+            "<span class=\"muted\">Read-only: set [http] admin_token_file to enable actions</span>",
+            &[],
         );
     }
-    let _ = write!(
-        h,
-        " <a href=\"/metrics\">metrics</a> <a href=\"/readyz\">readiness</a></nav>"
+    h.put(
+        " <a href=\"/metrics\">metrics</a> <a href=\"/readyz\">readiness</a></nav>",
+        &[],
     );
     if let Some(msg) = q.get("msg") {
-        let _ = write!(h, "<p class=\"msg\" id=\"flash\">{}</p>", esc(msg));
+        h.put("<p class=\"msg\" id=\"flash\">{}</p>", &[msg]);
     }
 
     // Summary.
@@ -153,68 +163,71 @@ pub async fn status_page(
         .and_then(|id| crate::spool::id_time(id))
         .map(ago)
         .unwrap_or_else(|| "-".into());
-    let _ = write!(
-        h,
+    h.put(
         "<p id=\"summary\"><b>{}</b> queued (oldest received {}), <b>{}</b> on hold, <b>{}</b> failed.</p>",
-        count(Area::Queue),
-        esc(&oldest),
-        count(Area::Hold),
-        count(Area::Failed)
+        &[&count(Area::Queue), &oldest, &count(Area::Hold), &count(Area::Failed)],
     );
 
     // Accounts.
-    let _ = write!(
-        h,
-        "<h2>Accounts</h2><table id=\"accounts\"><tr><th>Account</th><th>State</th><th>Last delivery</th><th>Last problem and fix</th><th>Token expires</th><th></th></tr>"
+    h.put(
+        "<h2>Accounts</h2><table id=\"accounts\"><tr><th>Account</th><th>State</th><th>Last delivery</th><th>Last problem and fix</th><th>Token expires</th><th></th></tr>",
+        &[],
     );
     for a in account_views(&state) {
-        let name = a["name"].as_str().unwrap_or("").to_string();
+        let text = |k: &str| a[k].as_str().unwrap_or("").to_string();
+        let name = text("name");
         let st = a["state"].as_str().unwrap_or("active");
         let class = match st {
             "active" => "ok",
             "paused" => "bad",
             _ => "warn",
         };
-        let mut problem = String::new();
+        let mut problem = Markup::new();
         if let Some(adv) = a.get("advice") {
-            let _ = write!(
-                problem,
+            problem.put(
                 "{}<div class=\"fix\">{}</div>",
-                esc(adv["cause"].as_str().unwrap_or("")),
-                esc(adv["fix"].as_str().unwrap_or(""))
+                &[
+                    &adv["cause"].as_str().unwrap_or(""),
+                    &adv["fix"].as_str().unwrap_or(""),
+                ],
             );
         } else if let Some(r) = a["reason"].as_str() {
-            problem = esc(r);
+            problem.put("{}", &[&r]);
         } else if let Some(e) = a["last_error"].as_str() {
-            let _ = write!(problem, "<span class=\"muted\">{}</span>", esc(e));
+            problem.put("<span class=\"muted\">{}</span>", &[&e]);
         }
         let last = a["last_success"]
             .as_str()
             .and_then(|s| s.parse().ok())
             .map(ago)
             .unwrap_or_else(|| "-".into());
-        let expiry = a["token_expires_at"]
-            .as_str()
-            .map(esc)
-            .unwrap_or_else(|| "-".into());
-        let action = if st == "paused" {
-            button(&state, can_write, "accounts", &name, "resume", "Resume")
+        let expiry = a["token_expires_at"].as_str().unwrap_or("-");
+        let mut action = Markup::new();
+        if st == "paused" {
+            button(&mut action, csrf, "accounts", &name, "resume", "Resume");
         } else {
-            button(&state, can_write, "accounts", &name, "pause", "Pause")
-        };
-        let _ = write!(
-            h,
-            "<tr data-account=\"{n}\"><td><b>{n}</b> <span class=\"muted\">{kind} {mbox}</span></td><td class=\"{class}\">{st}</td><td>{last}</td><td>{problem}</td><td>{expiry}</td><td>{action}</td></tr>",
-            n = esc(&name),
-            kind = esc(a["kind"].as_str().unwrap_or("")),
-            mbox = esc(a["mailbox"].as_str().unwrap_or("")),
-            st = esc(st),
+            button(&mut action, csrf, "accounts", &name, "pause", "Pause");
+        }
+        h.put(
+            "<tr data-account=\"{}\"><td><b>{}</b> <span class=\"muted\">{} {}</span></td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            &[
+                &name,
+                &name,
+                &text("kind"),
+                &text("mailbox"),
+                &class,
+                &st,
+                &last,
+                &problem,
+                &expiry,
+                &action,
+            ],
         );
     }
-    let _ = write!(h, "</table>");
+    h.put("</table>", &[]);
 
     // Queue.
-    let _ = write!(h, "<h2>Messages</h2><p>");
+    h.put("<h2>Messages</h2><p>", &[]);
     for (v, label) in [
         ("active", "queued, held and failed"),
         ("held", "held"),
@@ -222,34 +235,28 @@ pub async fn status_page(
         ("deleted", "deleted"),
     ] {
         if v == view {
-            let _ = write!(h, "<b>{label}</b> ");
+            h.put("<b>{}</b> ", &[&label]);
         } else {
-            let _ = write!(h, "<a href=\"/?state={v}\">{label}</a> ");
+            h.put("<a href=\"/?state={}\">{}</a> ", &[&v, &label]);
         }
     }
     let pages = total.div_ceil(PAGE_SIZE).max(1);
-    let _ = write!(
-        h,
-        "</p><table id=\"queue\"><tr><th>Queue ID</th><th>State</th><th>Received</th><th>From</th><th>To</th><th>Subject</th><th>Attempts</th><th>Last reply</th><th></th></tr>"
+    h.put(
+        "</p><table id=\"queue\"><tr><th>Queue ID</th><th>State</th><th>Received</th><th>From</th><th>To</th><th>Subject</th><th>Attempts</th><th>Last reply</th><th></th></tr>",
+        &[],
     );
     for m in &messages {
-        let mut actions = String::new();
+        let mut actions = Markup::new();
         match m.state {
-            "held" => actions.push_str(&button(
-                &state, can_write, "queue", &m.id, "release", "Release",
-            )),
-            "failed" | "deleted" => {
-                actions.push_str(&button(&state, can_write, "queue", &m.id, "retry", "Retry"))
-            }
+            "held" => button(&mut actions, csrf, "queue", &m.id, "release", "Release"),
+            "failed" | "deleted" => button(&mut actions, csrf, "queue", &m.id, "retry", "Retry"),
             _ => {
-                actions.push_str(&button(&state, can_write, "queue", &m.id, "retry", "Retry"));
-                actions.push_str(&button(&state, can_write, "queue", &m.id, "hold", "Hold"));
+                button(&mut actions, csrf, "queue", &m.id, "retry", "Retry");
+                button(&mut actions, csrf, "queue", &m.id, "hold", "Hold");
             }
         }
         if m.state != "deleted" {
-            actions.push_str(&button(
-                &state, can_write, "queue", &m.id, "delete", "Delete",
-            ));
+            button(&mut actions, csrf, "queue", &m.id, "delete", "Delete");
         }
         let to = if m.recipients.len() > 3 {
             format!(
@@ -260,125 +267,162 @@ pub async fn status_page(
         } else {
             m.recipients.join(", ")
         };
-        let _ = write!(
-            h,
-            "<tr data-id=\"{id}\"><td><code>{id}</code></td><td>{st}</td><td>{rcv}</td><td>{from}</td><td>{to}</td><td class=\"subject\">{subj}</td><td>{att}</td><td>{last}</td><td>{actions}</td></tr>",
-            id = esc(&m.id),
-            st = esc(m.state),
-            rcv = esc(&ago(m.received_at)),
-            from = esc(if m.mail_from.is_empty() {
-                "<>"
-            } else {
-                &m.mail_from
-            }),
-            to = esc(&to),
-            subj = esc(m.subject.as_deref().unwrap_or("")),
-            att = m.attempts,
-            last = esc(m.last_reply.as_deref().unwrap_or("")),
+        let from = if m.mail_from.is_empty() {
+            "<>"
+        } else {
+            &m.mail_from
+        };
+        h.put(
+            "<tr data-id=\"{}\"><td><code>{}</code></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"subject\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            &[
+                &m.id,
+                &m.id,
+                &m.state,
+                &ago(m.received_at),
+                &from,
+                &to,
+                &m.subject.as_deref().unwrap_or(""),
+                &m.attempts,
+                &m.last_reply.as_deref().unwrap_or(""),
+                &actions,
+            ],
         );
     }
     if messages.is_empty() {
-        let _ = write!(
-            h,
-            "<tr><td colspan=\"9\" class=\"muted\">No messages.</td></tr>"
+        h.put(
+            "<tr><td colspan=\"9\" class=\"muted\">No messages.</td></tr>",
+            &[],
         );
     }
-    let _ = write!(
-        h,
-        "</table><p id=\"pages\">Page {page} of {pages} ({total} messages) "
+    h.put(
+        "</table><p id=\"pages\">Page {} of {} ({} messages) ",
+        &[&page, &pages, &total],
     );
     if page > 1 {
-        let _ = write!(
-            h,
+        h.put(
             "<a href=\"/?state={}&amp;page={}\">previous</a> ",
-            esc(&view),
-            page - 1
+            &[&view, &(page - 1)],
         );
     }
     if page < pages {
-        let _ = write!(
-            h,
+        h.put(
             "<a href=\"/?state={}&amp;page={}\">next</a>",
-            esc(&view),
-            page + 1
+            &[&view, &(page + 1)],
         );
     }
-    let _ = write!(h, "</p>");
+    h.put("</p>", &[]);
 
     // Recent activity.
-    let _ = write!(
-        h,
-        "<h2>Recent activity</h2><table id=\"events\"><tr><th>When</th><th>What</th><th>Queue ID</th><th>Account</th><th>Detail</th></tr>"
+    h.put(
+        "<h2>Recent activity</h2><table id=\"events\"><tr><th>When</th><th>What</th><th>Queue ID</th><th>Account</th><th>Detail</th></tr>",
+        &[],
     );
-    for e in state.status.recent_events().iter().take(30) {
+    let events = state.status.recent_events();
+    for e in events.iter().take(30) {
         let class = match e.kind {
             "delivered" | "resumed" => "ok",
             "failed" | "paused" => "bad",
             _ => "warn",
         };
-        let _ = write!(
-            h,
-            "<tr><td>{}</td><td class=\"{class}\">{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
-            esc(&ago(e.time)),
-            esc(e.kind),
-            esc(&e.queue_id),
-            esc(&e.account),
-            esc(&e.detail)
+        h.put(
+            "<tr><td>{}</td><td class=\"{}\">{}</td><td><code>{}</code></td><td>{}</td><td>{}</td></tr>",
+            &[&ago(e.time), &class, &e.kind, &e.queue_id, &e.account, &e.detail],
         );
     }
-    if state.status.recent_events().is_empty() {
-        let _ = write!(
-            h,
-            "<tr><td colspan=\"5\" class=\"muted\">Nothing yet since the relay started.</td></tr>"
+    if events.is_empty() {
+        h.put(
+            "<tr><td colspan=\"5\" class=\"muted\">Nothing yet since the relay started.</td></tr>",
+            &[],
         );
     }
-    let _ = write!(h, "</table></body></html>");
-    Html(h).into_response()
+    h.put("</table></body></html>", &[]);
+    Html(h.into_string()).into_response()
 }
 
 pub async fn login_form(State(state): State<Arc<AppState>>) -> Response {
-    let note = if state.has_token() {
-        ""
-    } else {
-        "<p class=\"bad\">No admin token is configured ([http] admin_token_file).</p>"
-    };
-    Html(format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>exorelay login</title><style>{STYLE}</style></head><body><h1>exorelay on {}</h1>{note}<form method=\"post\" action=\"/login\"><label>Admin token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"current-password\" size=\"50\"></label> <button type=\"submit\" id=\"login\">Log in</button></form></body></html>",
-        esc(&state.config.hostname)
-    ))
-    .into_response()
+    let host = state.config.hostname.as_str();
+    let mut h = Markup::new();
+    head(&mut h, "exorelay login", false);
+    h.put("<h1>exorelay on {}</h1>", &[&host]);
+    if !state.has_token() {
+        h.put(
+            "<p class=\"bad\">No admin token is configured ([http] admin_token_file).</p>",
+            &[],
+        );
+    }
+    h.put(
+        "<form method=\"post\" action=\"/login\"><label>Admin token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"current-password\" size=\"50\"></label> <button type=\"submit\" id=\"login\">Log in</button></form></body></html>",
+        &[],
+    );
+    Html(h.into_string()).into_response()
 }
 
+fn login_refused(status: StatusCode, text: &str) -> Response {
+    let mut h = Markup::new();
+    h.put(
+        "<!doctype html><p>{}. <a href=\"/login\">Try again</a></p>",
+        &[&text],
+    );
+    (status, Html(h.into_string())).into_response()
+}
+
+/// Checks the admin token typed into the form and starts a session. Limited per client
+/// address (`429` with `Retry-After` while locked out); a foreign `Origin` is refused.
 pub async fn login(
     State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     headers: HeaderMap,
     axum::Form(form): axum::Form<HashMap<String, String>>,
 ) -> Response {
-    let given = form
-        .get("token")
-        .map(|t| t.trim().to_string())
-        .unwrap_or_default();
-    let mut probe = HeaderMap::new();
-    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {given}")) {
-        probe.insert(header::AUTHORIZATION, v);
+    let now = tokio::time::Instant::now();
+    let ip = peer.0.ip();
+    if headers.contains_key(header::ORIGIN)
+        && let Err(r) = same_origin(&state, &headers)
+    {
+        return r.into_response();
     }
-    if let Some(o) = headers.get(header::ORIGIN) {
-        probe.insert(header::ORIGIN, o.clone());
+    if let Err(wait) = state.sessions.login_allowed(ip, now) {
+        tracing::warn!(client = %ip, "status page login refused: too many wrong tokens");
+        let mut r = login_refused(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!(
+                "Too many wrong tokens from this address; try again in {}",
+                humantime::format_duration(std::time::Duration::from_secs(wait.as_secs() + 1))
+            ),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait.as_secs() + 1));
+        return r;
     }
-    if !state.has_token() || authorize(&state, &probe, Access::Write).is_err() || given.is_empty() {
-        tracing::warn!("status page login failed");
-        return (
-            StatusCode::UNAUTHORIZED,
-            Html("<!doctype html><p>Wrong admin token. <a href=\"/login\">Try again</a></p>"),
-        )
-            .into_response();
+    let given = form.get("token").map(|t| t.trim()).unwrap_or_default();
+    let right = state
+        .token
+        .as_deref()
+        .is_some_and(|expected| !given.is_empty() && same_secret(expected, given));
+    if !right {
+        state.sessions.login_failed(ip, now);
+        tracing::warn!(client = %ip, "status page login failed");
+        return login_refused(StatusCode::UNAUTHORIZED, "Wrong admin token");
     }
+    state.sessions.login_succeeded(ip);
+    let secret = match state.sessions.create(now) {
+        Ok((secret, _)) => secret,
+        Err(_) => {
+            return login_refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "No random numbers for a session secret",
+            );
+        }
+    };
     let secure = if state.config.http.tls.is_some() {
         "; Secure"
     } else {
         ""
     };
-    let cookie = format!("{SESSION_COOKIE}={given}; HttpOnly; SameSite=Strict; Path=/{secure}");
+    let cookie = format!(
+        "{SESSION_COOKIE}={secret}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
+        SESSION_LIFETIME.as_secs()
+    );
     let mut r = Redirect::to("/").into_response();
     if let Ok(v) = HeaderValue::from_str(&cookie) {
         r.headers_mut().insert(header::SET_COOKIE, v);
@@ -386,7 +430,15 @@ pub async fn login(
     r
 }
 
-pub async fn logout() -> Response {
+/// Ends the session named by the cookie (from this origin only) and clears the cookie. Ending
+/// a session needs no CSRF token: the worst a forged logout does is log the page out.
+pub async fn logout(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = same_origin(&state, &headers) {
+        return r.into_response();
+    }
+    if let Some(secret) = super::auth::cookie(&headers, SESSION_COOKIE) {
+        state.sessions.remove(&secret);
+    }
     let mut r = Redirect::to("/").into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,
@@ -395,22 +447,12 @@ pub async fn logout() -> Response {
     r
 }
 
-/// The page's buttons: cookie + CSRF token, then the same command the API would send.
+/// The page's buttons: the same command the API would send.
 pub async fn ui_action(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     Path((kind, name, action)): Path<(String, String, String)>,
-    axum::Form(form): axum::Form<HashMap<String, String>>,
+    AdminForm(_, _): AdminForm,
 ) -> Response {
-    let cred = match authorize(&state, &headers, Access::Write) {
-        Ok(c) => c,
-        Err(r) => return r.into_response(),
-    };
-    if cred == Credential::Cookie
-        && let Err(r) = check_csrf(&state, &headers, form.get("csrf").map(String::as_str))
-    {
-        return r.into_response();
-    }
     let cmd = match kind.as_str() {
         "queue" if crate::spool::is_queue_id(&name) => queue_command(&action, name),
         "accounts" => account_command(&action, name),
@@ -434,18 +476,4 @@ pub async fn ui_action(
         })
         .collect();
     Redirect::to(&format!("/?msg={encoded}")).into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn escapes_markup() {
-        assert_eq!(
-            esc("<script>alert(1)</script>"),
-            "&lt;script&gt;alert(1)&lt;/script&gt;"
-        );
-        assert_eq!(esc("a\"b'c&"), "a&quot;b&#39;c&amp;");
-    }
 }
