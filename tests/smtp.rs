@@ -171,6 +171,110 @@ async fn repeated_auth_failures_ban_the_address() {
     c.expect("220").await;
 }
 
+/// A counter from the relay's `/metrics` (its HTTP side must listen).
+async fn metric(relay: &TestRelay, name: &str) -> f64 {
+    let url = format!("http://{}/metrics", relay.http.expect("http side bound"));
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+}
+
+fn with_http(config: String) -> String {
+    format!("{config}\n[http]\nlisten = \"127.0.0.1:0\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_password_guesses_are_counted_before_they_are_checked() {
+    let relay = TestRelay::start(&with_http(basic_config(
+        "max_auth_failures = 5\nauth_ban_time = \"1h\"\nauth_failure_delay = \"10ms\"",
+    )))
+    .await;
+    let guesser = "127.0.0.7".parse().unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..15 {
+        let mut c = Dialog::connect_from(guesser, relay.addr()).await;
+        c.expect("220").await;
+        c.cmd("EHLO dev", "250").await;
+        conns.push(c);
+    }
+    // All 15 guesses are on the wire before the first answer comes back.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.send(&format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0scanner\0guess{i}").as_bytes())
+        ))
+        .await;
+    }
+    let mut wrong = 0;
+    let mut refused = 0;
+    for c in &mut conns {
+        let r = c.reply().await.expect("a reply");
+        if r.starts_with("535 5.7.8") {
+            wrong += 1;
+        } else if r.starts_with("421 4.7.0") {
+            refused += 1;
+        } else {
+            panic!("unexpected reply {r:?}");
+        }
+    }
+    // Only max_auth_failures guesses were ever checked; the fifth failure bans the address.
+    assert_eq!(
+        metric(&relay, "exorelay_smtp_auth_failures_total").await,
+        5.0
+    );
+    assert_eq!((wrong, refused), (4, 11));
+    // The right password is refused too now, without being checked.
+    let mut c = Dialog::connect_from(guesser, relay.addr()).await;
+    c.expect("421 4.7.0").await;
+    assert_eq!(
+        metric(&relay, "exorelay_smtp_auth_failures_total").await,
+        5.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_successful_login_does_not_reopen_guessing() {
+    let relay = TestRelay::start(&basic_config(
+        "max_auth_failures = 3\nauth_ban_time = \"1h\"\nauth_failure_delay = \"10ms\"",
+    ))
+    .await;
+    let other = "127.0.0.8".parse().unwrap();
+    let mut c = Dialog::connect_from(other, relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO dev", "250").await;
+    c.cmd(&format!("AUTH PLAIN {}", b64(b"\0scanner\0bad1")), "535")
+        .await;
+    c.cmd(&format!("AUTH PLAIN {}", b64(b"\0scanner\0bad2")), "535")
+        .await;
+    // Someone from the same address knows a password (e.g. one device's own login).
+    let mut ok = Dialog::connect_from(other, relay.addr()).await;
+    ok.expect("220").await;
+    ok.cmd("EHLO dev", "250").await;
+    ok.cmd(
+        &format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0scanner\0{PASSWORD}").as_bytes())
+        ),
+        "235",
+    )
+    .await;
+    // That success does not wipe the two failures: the next wrong guess is the third.
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0bad3")),
+        "421 4.7.0",
+    )
+    .await;
+    c.expect_closed().await;
+    // The logged-in session keeps working.
+    ok.send_mail(
+        "a@x.example",
+        &["r@example.com"],
+        b"Subject: in\r\n\r\nx\r\n",
+    )
+    .await;
+}
+
 fn starttls_config(plaintext_auth: bool) -> String {
     format!(
         r#"

@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
-use super::auth::{AuthGuard, Users};
+use super::auth::{AuthGuard, Users, Verdict};
+use super::client::canonical_ip;
 use super::reply;
 use super::session::{AuthOutcome, Envelope, Session, SessionParams, Step};
 use crate::config::{Config, ListenerConfig, TlsMode};
@@ -60,33 +61,33 @@ impl Inbound {
             .any(|n| n.contains(&ip))
     }
 
+    /// Checks a login. The attempt is counted before argon2 runs (see [`AuthGuard::reserve`]),
+    /// so refused attempts cost nothing and parallel guesses cannot overshoot the limit.
     async fn authenticate(&self, ip: IpAddr, user: &str, password: &str) -> AuthOutcome {
-        if self.guard.is_banned(ip) {
-            warn!(client = %ip, "AUTH refused: address is temporarily banned after repeated failures");
-            return AuthOutcome::Banned;
+        let attempt = match self.guard.reserve(ip) {
+            Ok(a) => a,
+            Err(why) => {
+                warn!(client = %ip, reason = %why, "AUTH refused without checking the password");
+                return AuthOutcome::Banned;
+            }
+        };
+        let ok = self.users.verify(user, password).await;
+        match attempt.settle(ok) {
+            Verdict::Success => {
+                info!(client = %ip, user = %user.escape_debug(), "AUTH succeeded");
+                AuthOutcome::Success
+            }
+            Verdict::Failure { banned } => {
+                self.metrics.smtp_auth_failures.inc();
+                warn!(client = %ip, user = %user.escape_debug(), banned, "AUTH failed");
+                tokio::time::sleep(self.config.relay.auth_failure_delay).await;
+                if banned {
+                    AuthOutcome::Banned
+                } else {
+                    AuthOutcome::Failure
+                }
+            }
         }
-        if self.users.verify(user, password).await {
-            self.guard.success(ip);
-            info!(client = %ip, user = %user.escape_debug(), "AUTH succeeded");
-            return AuthOutcome::Success;
-        }
-        let banned = self.guard.failure(ip);
-        self.metrics.smtp_auth_failures.inc();
-        warn!(client = %ip, user = %user.escape_debug(), banned, "AUTH failed");
-        tokio::time::sleep(self.config.relay.auth_failure_delay).await;
-        if banned {
-            AuthOutcome::Banned
-        } else {
-            AuthOutcome::Failure
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (dual-stack sockets) are matched as IPv4.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 

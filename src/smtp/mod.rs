@@ -1,6 +1,7 @@
 //! Inbound SMTP: the session state machine, its replies, SASL, logins and the socket driver.
 
 pub mod auth;
+pub mod client;
 pub mod data;
 pub mod listener;
 pub mod reply;
