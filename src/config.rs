@@ -81,6 +81,10 @@ pub struct RelayConfig {
     /// Networks whose clients may send without AUTH.
     #[serde(default = "default_allowed_networks")]
     pub allowed_networks: Vec<IpNet>,
+    /// Accept `allowed_networks` that include public (internet) addresses. Off by default:
+    /// such a network usually means an open relay by mistake.
+    #[serde(default)]
+    pub allow_public_networks: bool,
     #[serde(default = "default_max_message_size", deserialize_with = "de_size")]
     pub max_message_size: u64,
     #[serde(default = "default_max_recipients")]
@@ -88,6 +92,22 @@ pub struct RelayConfig {
     /// Concurrent SMTP connections over all listeners.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections at once from one client (an IPv4 address or an IPv6 /64).
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// Connections at once from all clients outside `allowed_networks` that have not logged
+    /// in, together. They have their own pool and do not count towards `max_connections`.
+    #[serde(default = "default_untrusted_max_connections")]
+    pub untrusted_max_connections: usize,
+    /// Such connections at once from one client.
+    #[serde(default = "default_untrusted_max_connections_per_client")]
+    pub untrusted_max_connections_per_client: usize,
+    /// `command_timeout` for clients outside `allowed_networks` until they log in.
+    #[serde(
+        default = "default_untrusted_command_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub untrusted_command_timeout: Duration,
     /// How long to wait for a command (RFC 5321 §4.5.3.2 suggests 5 minutes).
     #[serde(default = "default_command_timeout", deserialize_with = "de_duration")]
     pub command_timeout: Duration,
@@ -331,6 +351,18 @@ fn default_max_recipients() -> usize {
 fn default_max_connections() -> usize {
     200
 }
+fn default_max_connections_per_client() -> usize {
+    20
+}
+fn default_untrusted_max_connections() -> usize {
+    20
+}
+fn default_untrusted_max_connections_per_client() -> usize {
+    5
+}
+fn default_untrusted_command_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_command_timeout() -> Duration {
     Duration::from_secs(300)
 }
@@ -405,9 +437,14 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             allowed_networks: default_allowed_networks(),
+            allow_public_networks: false,
             max_message_size: default_max_message_size(),
             max_recipients: default_max_recipients(),
             max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            untrusted_max_connections: default_untrusted_max_connections(),
+            untrusted_max_connections_per_client: default_untrusted_max_connections_per_client(),
+            untrusted_command_timeout: default_untrusted_command_timeout(),
             command_timeout: default_command_timeout(),
             data_timeout: default_data_timeout(),
             max_errors: default_max_errors(),
@@ -713,8 +750,27 @@ impl Config {
         if self.relay.max_recipients == 0 {
             return Err(here.err(&relay_at("max_recipients"), "must be at least 1"));
         }
-        if self.relay.max_connections == 0 {
-            return Err(here.err(&relay_at("max_connections"), "must be at least 1"));
+        for (name, value) in [
+            ("max_connections", self.relay.max_connections),
+            (
+                "max_connections_per_client",
+                self.relay.max_connections_per_client,
+            ),
+            (
+                "untrusted_max_connections",
+                self.relay.untrusted_max_connections,
+            ),
+            (
+                "untrusted_max_connections_per_client",
+                self.relay.untrusted_max_connections_per_client,
+            ),
+        ] {
+            if value == 0 {
+                return Err(here.err(&relay_at(name), "must be at least 1"));
+            }
+        }
+        if self.relay.untrusted_command_timeout.is_zero() {
+            return Err(here.err(&relay_at("untrusted_command_timeout"), "must be above zero"));
         }
         if self.relay.max_errors == 0 {
             return Err(here.err(&relay_at("max_errors"), "must be at least 1"));
@@ -889,18 +945,31 @@ impl Config {
             .collect();
         let _ = writeln!(
             s,
-            "allowed networks (may send without AUTH): {}",
-            nets.join(", ")
+            "allowed networks (may send without AUTH): {}{}",
+            nets.join(", "),
+            if self.relay.allow_public_networks {
+                " (public addresses allowed by allow_public_networks)"
+            } else {
+                ""
+            }
         );
         let r = &self.relay;
         let _ = writeln!(
             s,
-            "limits: max_message_size={} bytes, max_recipients={}, max_connections={}, command_timeout={}, data_timeout={}",
+            "limits: max_message_size={} bytes, max_recipients={}, max_connections={} ({} per client), command_timeout={}, data_timeout={}",
             r.max_message_size,
             r.max_recipients,
             r.max_connections,
+            r.max_connections_per_client,
             humantime::format_duration(r.command_timeout),
             humantime::format_duration(r.data_timeout)
+        );
+        let _ = writeln!(
+            s,
+            "outside allowed networks until logged in: untrusted_max_connections={} ({} per client), untrusted_command_timeout={}",
+            r.untrusted_max_connections,
+            r.untrusted_max_connections_per_client,
+            humantime::format_duration(r.untrusted_command_timeout)
         );
         for u in &self.users {
             let _ = writeln!(

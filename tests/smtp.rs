@@ -187,7 +187,8 @@ fn with_http(config: String) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn parallel_password_guesses_are_counted_before_they_are_checked() {
     let relay = TestRelay::start(&with_http(basic_config(
-        "max_auth_failures = 5\nauth_ban_time = \"1h\"\nauth_failure_delay = \"10ms\"",
+        "max_auth_failures = 5\nauth_ban_time = \"1h\"\nauth_failure_delay = \"10ms\"\n\
+         untrusted_max_connections_per_client = 15",
     )))
     .await;
     let guesser = "127.0.0.7".parse().unwrap();
@@ -504,6 +505,117 @@ async fn idle_timeout_and_http_and_connection_limit() {
     // Slots are free again.
     let mut c = Dialog::connect(relay.addr()).await;
     c.expect("220").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_gets_at_most_20_connections() {
+    let relay = TestRelay::start(&basic_config("allowed_networks = [\"127.0.0.0/8\"]")).await;
+    let busy = "127.0.0.9".parse().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let mut c = Dialog::connect_from(busy, relay.addr()).await;
+        c.expect("220").await;
+        open.push(c);
+    }
+    let mut over = Dialog::connect_from(busy, relay.addr()).await;
+    over.expect("421 4.7.0 Too many connections from your address")
+        .await;
+    over.expect_closed().await;
+    // Other addresses still get in.
+    let mut other = Dialog::connect_from("127.0.0.10".parse().unwrap(), relay.addr()).await;
+    other.expect("220").await;
+    // A connection that ends gives its slot back.
+    let mut last = open.pop().unwrap();
+    last.cmd("QUIT", "221").await;
+    last.expect_closed().await;
+    let mut c = eventually_greeted(busy, relay.addr()).await;
+    c.cmd("EHLO again", "250").await;
+}
+
+/// Connects from `src` until the relay greets with 220 (a slot may take a moment to free up).
+async fn eventually_greeted(src: std::net::IpAddr, addr: std::net::SocketAddr) -> Dialog {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = Dialog::connect_from(src, addr).await;
+        let r = c.reply().await.unwrap_or_default();
+        if r.starts_with("220") {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "never greeted: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_strangers_do_not_lock_out_allowed_networks() {
+    // 127.0.0.1 is the printer (allowed_networks); 127.0.0.2-4 are outside it.
+    let relay = TestRelay::start(&basic_config(
+        "max_connections = 4\nuntrusted_max_connections = 6\nuntrusted_max_connections_per_client = 4\n\
+         command_timeout = \"1h\"\nuntrusted_command_timeout = \"2s\"\nauth_failure_delay = \"10ms\"",
+    ))
+    .await;
+    let stranger = "127.0.0.2".parse().unwrap();
+    let login = format!(
+        "AUTH PLAIN {}",
+        b64(format!("\0scanner\0{PASSWORD}").as_bytes())
+    );
+    // One of the stranger's connections logs in at once; it is then no longer a stranger's.
+    let mut known = Dialog::connect_from(stranger, relay.addr()).await;
+    known.expect("220").await;
+    known.cmd("EHLO dev", "250").await;
+    known.cmd(&login, "235").await;
+    // The same address may still hold untrusted_max_connections_per_client that do not log in...
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut c = Dialog::connect_from(stranger, relay.addr()).await;
+        c.expect("220").await;
+        idle.push(c);
+    }
+    // ...but no more.
+    let mut c = Dialog::connect_from(stranger, relay.addr()).await;
+    c.expect("421 4.7.0 Too many connections from your address that have not logged in")
+        .await;
+    c.expect_closed().await;
+    // All strangers together hold at most untrusted_max_connections.
+    for _ in 0..2 {
+        let mut c = Dialog::connect_from("127.0.0.3".parse().unwrap(), relay.addr()).await;
+        c.expect("220").await;
+        idle.push(c);
+    }
+    let mut c = Dialog::connect_from("127.0.0.4".parse().unwrap(), relay.addr()).await;
+    c.expect("421 4.7.0 Too many connections from outside the allowed networks")
+        .await;
+
+    // None of the idle strangers count towards max_connections: with the logged-in client in
+    // one slot, the printer gets the other three.
+    let mut printers = Vec::new();
+    for _ in 0..3 {
+        let mut p = Dialog::connect(relay.addr()).await;
+        p.expect("220").await;
+        printers.push(p);
+    }
+    printers[0].cmd("EHLO printer", "250").await;
+    printers[0]
+        .send_mail(
+            "scan@printer.local",
+            &["r@example.com"],
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+    let mut over = Dialog::connect(relay.addr()).await;
+    over.expect("421 4.7.0 Too many connections, try again later")
+        .await;
+
+    // Strangers that sit idle are dropped after untrusted_command_timeout; the printers and
+    // the logged-in client (command_timeout = 1h) are not.
+    let t = Instant::now();
+    for c in &mut idle {
+        c.expect("421 4.4.2").await;
+        c.expect_closed().await;
+    }
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    known.cmd("NOOP", "250").await;
+    printers[1].cmd("NOOP", "250").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

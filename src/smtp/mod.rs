@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod client;
 pub mod data;
+pub mod limits;
 pub mod listener;
 pub mod reply;
 pub mod sasl;
