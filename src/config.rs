@@ -736,10 +736,22 @@ impl Config {
         }
 
         for (i, net) in self.relay.allowed_networks.iter().enumerate() {
+            let at = [key("relay"), key("allowed_networks"), Seg::Index(i)];
+            // Refused even with the override: no LAN is the whole internet.
             if net.prefix_len() == 0 {
                 return Err(here.err(
-                    &[key("relay"), key("allowed_networks"), Seg::Index(i)],
+                    &at,
                     format!("{net} would let anyone send through this relay (an open relay); list only your LAN's networks"),
+                ));
+            }
+            if !self.relay.allow_public_networks && crate::smtp::networks::includes_public(net) {
+                return Err(here.err(
+                    &at,
+                    format!(
+                        "{net} includes public (internet) addresses, so hosts there could send through this relay without logging in; \
+                         list only your LAN's private networks (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, fc00::/7), \
+                         or set allow_public_networks = true in [relay] if your LAN really uses public addresses"
+                    ),
                 ));
             }
         }
@@ -1293,6 +1305,29 @@ dir = "cap"
         let e = parse(&text).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("queue.max_age"), "{e}");
         assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn public_allowed_networks_need_the_override() {
+        let nets = |list: &str, extra: &str| {
+            parse(&format!(
+                "{MINIMAL}\n[relay]\n{extra}\nallowed_networks = {list}\n"
+            ))
+        };
+        let e = nets(r#"["10.0.0.0/8", "0.0.0.0/1", "128.0.0.0/1"]"#, "").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("relay.allowed_networks[1]"), "{e}");
+        assert!(e.message.contains("public"), "{e}");
+        assert!(e.message.contains("allow_public_networks = true"), "{e}");
+        assert!(nets(r#"["2000::/3"]"#, "").is_err());
+        assert!(nets(r#"["10.0.0.0/8", "fd00::/8"]"#, "").is_ok());
+        let c = nets(
+            r#"["0.0.0.0/1", "128.0.0.0/1"]"#,
+            "allow_public_networks = true",
+        )
+        .expect("override");
+        assert!(c.relay.allow_public_networks);
+        let e = nets(r#"["::/0"]"#, "allow_public_networks = true").unwrap_err();
+        assert!(e.message.contains("open relay"), "{e}");
     }
 
     #[test]

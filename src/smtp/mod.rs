@@ -5,6 +5,7 @@ pub mod client;
 pub mod data;
 pub mod limits;
 pub mod listener;
+pub mod networks;
 pub mod reply;
 pub mod sasl;
 pub mod session;
