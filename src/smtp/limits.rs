@@ -43,21 +43,9 @@ impl Refusal {
     pub fn reply(self) -> Reply {
         match self {
             Refusal::Full => reply::too_many_connections(),
-            Refusal::ClientFull => Reply::new(
-                421,
-                "4.7.0",
-                "Too many connections from your address, try again later",
-            ),
-            Refusal::StrangersFull => Reply::new(
-                421,
-                "4.7.0",
-                "Too many connections from outside the allowed networks, try again later",
-            ),
-            Refusal::StrangerFull => Reply::new(
-                421,
-                "4.7.0",
-                "Too many connections from your address that have not logged in, try again later",
-            ),
+            Refusal::ClientFull => reply::too_many_connections_from_client(),
+            Refusal::StrangersFull => reply::too_many_strangers(),
+            Refusal::StrangerFull => reply::too_many_not_logged_in_from_client(),
         }
     }
 
