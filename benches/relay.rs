@@ -278,7 +278,7 @@ fn write_config(
         _ => "[[account]]\nname = \"local\"\nkind = \"capture\"\ndir = \"capture\"\nmax_connections = 4\n".to_string(),
     };
     let text = format!(
-        "hostname = \"bench.local\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n[relay]\nallowed_networks = [\"127.0.0.1/32\"]\nmax_connections = 2000\nmax_message_size = \"100MB\"\n[queue]\ndir = \"spool\"\nmax_messages = 10000000\n{account}"
+        "hostname = \"bench.local\"\n[[listener]]\naddress = \"127.0.0.1:{port}\"\n[relay]\nallowed_networks = [\"127.0.0.1/32\"]\nmax_connections = 2000\nmax_connections_per_client = 2000\nmax_message_size = \"100MB\"\n[queue]\ndir = \"spool\"\nmax_messages = 10000000\n{account}"
     );
     let p = dir.join("bench.toml");
     std::fs::write(&p, text).unwrap();

@@ -81,6 +81,10 @@ pub struct RelayConfig {
     /// Networks whose clients may send without AUTH.
     #[serde(default = "default_allowed_networks")]
     pub allowed_networks: Vec<IpNet>,
+    /// Accept `allowed_networks` that include public (internet) addresses. Off by default:
+    /// such a network usually means an open relay by mistake.
+    #[serde(default)]
+    pub allow_public_networks: bool,
     #[serde(default = "default_max_message_size", deserialize_with = "de_size")]
     pub max_message_size: u64,
     #[serde(default = "default_max_recipients")]
@@ -88,6 +92,22 @@ pub struct RelayConfig {
     /// Concurrent SMTP connections over all listeners.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections at once from one client (an IPv4 address or an IPv6 /64).
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// Connections at once from all clients outside `allowed_networks` that have not logged
+    /// in, together. They have their own pool and do not count towards `max_connections`.
+    #[serde(default = "default_untrusted_max_connections")]
+    pub untrusted_max_connections: usize,
+    /// Such connections at once from one client.
+    #[serde(default = "default_untrusted_max_connections_per_client")]
+    pub untrusted_max_connections_per_client: usize,
+    /// `command_timeout` for clients outside `allowed_networks` until they log in.
+    #[serde(
+        default = "default_untrusted_command_timeout",
+        deserialize_with = "de_duration"
+    )]
+    pub untrusted_command_timeout: Duration,
     /// How long to wait for a command (RFC 5321 §4.5.3.2 suggests 5 minutes).
     #[serde(default = "default_command_timeout", deserialize_with = "de_duration")]
     pub command_timeout: Duration,
@@ -367,6 +387,18 @@ fn default_max_recipients() -> usize {
 fn default_max_connections() -> usize {
     200
 }
+fn default_max_connections_per_client() -> usize {
+    20
+}
+fn default_untrusted_max_connections() -> usize {
+    20
+}
+fn default_untrusted_max_connections_per_client() -> usize {
+    5
+}
+fn default_untrusted_command_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_command_timeout() -> Duration {
     Duration::from_secs(300)
 }
@@ -453,9 +485,14 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             allowed_networks: default_allowed_networks(),
+            allow_public_networks: false,
             max_message_size: default_max_message_size(),
             max_recipients: default_max_recipients(),
             max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            untrusted_max_connections: default_untrusted_max_connections(),
+            untrusted_max_connections_per_client: default_untrusted_max_connections_per_client(),
+            untrusted_command_timeout: default_untrusted_command_timeout(),
             command_timeout: default_command_timeout(),
             data_timeout: default_data_timeout(),
             max_errors: default_max_errors(),
@@ -747,10 +784,22 @@ impl Config {
         }
 
         for (i, net) in self.relay.allowed_networks.iter().enumerate() {
+            let at = [key("relay"), key("allowed_networks"), Seg::Index(i)];
+            // Refused even with the override: no LAN is the whole internet.
             if net.prefix_len() == 0 {
                 return Err(here.err(
-                    &[key("relay"), key("allowed_networks"), Seg::Index(i)],
+                    &at,
                     format!("{net} would let anyone send through this relay (an open relay); list only your LAN's networks"),
+                ));
+            }
+            if !self.relay.allow_public_networks && crate::smtp::networks::includes_public(net) {
+                return Err(here.err(
+                    &at,
+                    format!(
+                        "{net} includes public (internet) addresses, so hosts there could send through this relay without logging in; \
+                         list only your LAN's private networks (10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, fc00::/7), \
+                         or set allow_public_networks = true in [relay] if your LAN really uses public addresses"
+                    ),
                 ));
             }
         }
@@ -761,8 +810,27 @@ impl Config {
         if self.relay.max_recipients == 0 {
             return Err(here.err(&relay_at("max_recipients"), "must be at least 1"));
         }
-        if self.relay.max_connections == 0 {
-            return Err(here.err(&relay_at("max_connections"), "must be at least 1"));
+        for (name, value) in [
+            ("max_connections", self.relay.max_connections),
+            (
+                "max_connections_per_client",
+                self.relay.max_connections_per_client,
+            ),
+            (
+                "untrusted_max_connections",
+                self.relay.untrusted_max_connections,
+            ),
+            (
+                "untrusted_max_connections_per_client",
+                self.relay.untrusted_max_connections_per_client,
+            ),
+        ] {
+            if value == 0 {
+                return Err(here.err(&relay_at(name), "must be at least 1"));
+            }
+        }
+        if self.relay.untrusted_command_timeout.is_zero() {
+            return Err(here.err(&relay_at("untrusted_command_timeout"), "must be above zero"));
         }
         if self.relay.max_errors == 0 {
             return Err(here.err(&relay_at("max_errors"), "must be at least 1"));
@@ -959,18 +1027,31 @@ impl Config {
             .collect();
         let _ = writeln!(
             s,
-            "allowed networks (may send without AUTH): {}",
-            nets.join(", ")
+            "allowed networks (may send without AUTH): {}{}",
+            nets.join(", "),
+            if self.relay.allow_public_networks {
+                " (public addresses allowed by allow_public_networks)"
+            } else {
+                ""
+            }
         );
         let r = &self.relay;
         let _ = writeln!(
             s,
-            "limits: max_message_size={} bytes, max_recipients={}, max_connections={}, command_timeout={}, data_timeout={}",
+            "limits: max_message_size={} bytes, max_recipients={}, max_connections={} ({} per client), command_timeout={}, data_timeout={}",
             r.max_message_size,
             r.max_recipients,
             r.max_connections,
+            r.max_connections_per_client,
             humantime::format_duration(r.command_timeout),
             humantime::format_duration(r.data_timeout)
+        );
+        let _ = writeln!(
+            s,
+            "outside allowed networks until logged in: untrusted_max_connections={} ({} per client), untrusted_command_timeout={}",
+            r.untrusted_max_connections,
+            r.untrusted_max_connections_per_client,
+            humantime::format_duration(r.untrusted_command_timeout)
         );
         for u in &self.users {
             let _ = writeln!(
@@ -1338,6 +1419,29 @@ dir = "cap"
         let e = parse(&text).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("queue.max_age"), "{e}");
         assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn public_allowed_networks_need_the_override() {
+        let nets = |list: &str, extra: &str| {
+            parse(&format!(
+                "{MINIMAL}\n[relay]\n{extra}\nallowed_networks = {list}\n"
+            ))
+        };
+        let e = nets(r#"["10.0.0.0/8", "0.0.0.0/1", "128.0.0.0/1"]"#, "").unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("relay.allowed_networks[1]"), "{e}");
+        assert!(e.message.contains("public"), "{e}");
+        assert!(e.message.contains("allow_public_networks = true"), "{e}");
+        assert!(nets(r#"["2000::/3"]"#, "").is_err());
+        assert!(nets(r#"["10.0.0.0/8", "fd00::/8"]"#, "").is_ok());
+        let c = nets(
+            r#"["0.0.0.0/1", "128.0.0.0/1"]"#,
+            "allow_public_networks = true",
+        )
+        .expect("override");
+        assert!(c.relay.allow_public_networks);
+        let e = nets(r#"["::/0"]"#, "allow_public_networks = true").unwrap_err();
+        assert!(e.message.contains("open relay"), "{e}");
     }
 
     #[test]

@@ -449,3 +449,48 @@ fn kill_9_never_loses_an_acknowledged_message() {
     );
     assert!(relay.sigterm().success());
 }
+
+#[test]
+fn check_refuses_allowed_networks_with_public_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("exorelay.toml");
+    let check = |text: &str| {
+        std::fs::write(&path, text).unwrap();
+        let out = exorelay(&["check", "--config", path.to_str().unwrap()]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let nets = |list: &str| GOOD.replace("[\"127.0.0.0/8\"]", list);
+    // Two halves are as open as 0.0.0.0/0.
+    let (code, stderr) = check(&nets(r#"["127.0.0.0/8", "0.0.0.0/1", "128.0.0.0/1"]"#));
+    assert_eq!(code, Some(2), "{stderr}");
+    let line = format!(
+        "{}:7: relay.allowed_networks[1]: 0.0.0.0/1 includes public",
+        path.display()
+    );
+    assert!(stderr.contains(&line), "{stderr}");
+    assert!(stderr.contains("allow_public_networks = true"), "{stderr}");
+    for bad in ["8.8.8.0/24", "::/0", "2000::/3", "192.168.0.0/15"] {
+        let (code, stderr) = check(&nets(&format!("[\"{bad}\"]")));
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+        assert!(
+            stderr.contains("relay.allowed_networks[0]"),
+            "{bad}: {stderr}"
+        );
+    }
+    // Private, loopback, link-local, CGNAT and ULA space is fine.
+    let lan = r#"["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10", "::1/128", "fe80::/10", "fc00::/7", "::ffff:192.168.1.0/120"]"#;
+    let (code, stderr) = check(&nets(lan));
+    assert_eq!(code, Some(0), "{stderr}");
+    // The override lets a LAN numbered from public space through...
+    let public_lan =
+        nets(r#"["198.51.100.0/24"]"#).replace("[relay]", "[relay]\nallow_public_networks = true");
+    let (code, stderr) = check(&public_lan);
+    assert_eq!(code, Some(0), "{stderr}");
+    // ...but never "everyone".
+    let (code, stderr) = check(&public_lan.replace("198.51.100.0/24", "0.0.0.0/0"));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("open relay"), "{stderr}");
+}

@@ -179,6 +179,111 @@ async fn repeated_auth_failures_ban_the_address() {
     c.expect("220").await;
 }
 
+/// A counter from the relay's `/metrics` (its HTTP side must listen).
+async fn metric(relay: &TestRelay, name: &str) -> f64 {
+    let url = format!("http://{}/metrics", relay.http.expect("http side bound"));
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {text}"))
+}
+
+fn with_http(config: String) -> String {
+    format!("{config}\n[http]\nlisten = \"127.0.0.1:0\"\n")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_password_guesses_are_counted_before_they_are_checked() {
+    let relay = TestRelay::start(&with_http(basic_config(
+        "max_auth_failures = 5\nauth_ban_time = \"1h\"\nauth_failure_delay = \"10ms\"\n\
+         untrusted_max_connections_per_client = 15",
+    )))
+    .await;
+    let guesser = "127.0.0.7".parse().unwrap();
+    let mut conns = Vec::new();
+    for _ in 0..15 {
+        let mut c = Dialog::connect_from(guesser, relay.addr()).await;
+        c.expect("220").await;
+        c.cmd("EHLO dev", "250").await;
+        conns.push(c);
+    }
+    // All 15 guesses are on the wire before the first answer comes back.
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.send(&format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0scanner\0guess{i}").as_bytes())
+        ))
+        .await;
+    }
+    let mut wrong = 0;
+    let mut refused = 0;
+    for c in &mut conns {
+        let r = c.reply().await.expect("a reply");
+        if r.starts_with("535 5.7.8") {
+            wrong += 1;
+        } else if r.starts_with("421 4.7.0") {
+            refused += 1;
+        } else {
+            panic!("unexpected reply {r:?}");
+        }
+    }
+    // Only max_auth_failures guesses were ever checked; the fifth failure bans the address.
+    assert_eq!(
+        metric(&relay, "exorelay_smtp_auth_failures_total").await,
+        5.0
+    );
+    assert_eq!((wrong, refused), (4, 11));
+    // The right password is refused too now, without being checked.
+    let mut c = Dialog::connect_from(guesser, relay.addr()).await;
+    c.expect("421 4.7.0").await;
+    assert_eq!(
+        metric(&relay, "exorelay_smtp_auth_failures_total").await,
+        5.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_successful_login_does_not_reopen_guessing() {
+    let relay = TestRelay::start(&basic_config(
+        "max_auth_failures = 3\nauth_ban_time = \"1h\"\nauth_failure_delay = \"10ms\"",
+    ))
+    .await;
+    let other = "127.0.0.8".parse().unwrap();
+    let mut c = Dialog::connect_from(other, relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO dev", "250").await;
+    c.cmd(&format!("AUTH PLAIN {}", b64(b"\0scanner\0bad1")), "535")
+        .await;
+    c.cmd(&format!("AUTH PLAIN {}", b64(b"\0scanner\0bad2")), "535")
+        .await;
+    // Someone from the same address knows a password (e.g. one device's own login).
+    let mut ok = Dialog::connect_from(other, relay.addr()).await;
+    ok.expect("220").await;
+    ok.cmd("EHLO dev", "250").await;
+    ok.cmd(
+        &format!(
+            "AUTH PLAIN {}",
+            b64(format!("\0scanner\0{PASSWORD}").as_bytes())
+        ),
+        "235",
+    )
+    .await;
+    // That success does not wipe the two failures: the next wrong guess is the third.
+    c.cmd(
+        &format!("AUTH PLAIN {}", b64(b"\0scanner\0bad3")),
+        "421 4.7.0",
+    )
+    .await;
+    c.expect_closed().await;
+    // The logged-in session keeps working.
+    ok.send_mail(
+        "a@x.example",
+        &["r@example.com"],
+        b"Subject: in\r\n\r\nx\r\n",
+    )
+    .await;
+}
+
 fn starttls_config(plaintext_auth: bool) -> String {
     format!(
         r#"
@@ -408,6 +513,117 @@ async fn idle_timeout_and_http_and_connection_limit() {
     // Slots are free again.
     let mut c = Dialog::connect(relay.addr()).await;
     c.expect("220").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_address_gets_at_most_20_connections() {
+    let relay = TestRelay::start(&basic_config("allowed_networks = [\"127.0.0.0/8\"]")).await;
+    let busy = "127.0.0.9".parse().unwrap();
+    let mut open = Vec::new();
+    for _ in 0..20 {
+        let mut c = Dialog::connect_from(busy, relay.addr()).await;
+        c.expect("220").await;
+        open.push(c);
+    }
+    let mut over = Dialog::connect_from(busy, relay.addr()).await;
+    over.expect("421 4.7.0 Too many connections from your address")
+        .await;
+    over.expect_closed().await;
+    // Other addresses still get in.
+    let mut other = Dialog::connect_from("127.0.0.10".parse().unwrap(), relay.addr()).await;
+    other.expect("220").await;
+    // A connection that ends gives its slot back.
+    let mut last = open.pop().unwrap();
+    last.cmd("QUIT", "221").await;
+    last.expect_closed().await;
+    let mut c = eventually_greeted(busy, relay.addr()).await;
+    c.cmd("EHLO again", "250").await;
+}
+
+/// Connects from `src` until the relay greets with 220 (a slot may take a moment to free up).
+async fn eventually_greeted(src: std::net::IpAddr, addr: std::net::SocketAddr) -> Dialog {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut c = Dialog::connect_from(src, addr).await;
+        let r = c.reply().await.unwrap_or_default();
+        if r.starts_with("220") {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "never greeted: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_strangers_do_not_lock_out_allowed_networks() {
+    // 127.0.0.1 is the printer (allowed_networks); 127.0.0.2-4 are outside it.
+    let relay = TestRelay::start(&basic_config(
+        "max_connections = 4\nuntrusted_max_connections = 6\nuntrusted_max_connections_per_client = 4\n\
+         command_timeout = \"1h\"\nuntrusted_command_timeout = \"2s\"\nauth_failure_delay = \"10ms\"",
+    ))
+    .await;
+    let stranger = "127.0.0.2".parse().unwrap();
+    let login = format!(
+        "AUTH PLAIN {}",
+        b64(format!("\0scanner\0{PASSWORD}").as_bytes())
+    );
+    // One of the stranger's connections logs in at once; it is then no longer a stranger's.
+    let mut known = Dialog::connect_from(stranger, relay.addr()).await;
+    known.expect("220").await;
+    known.cmd("EHLO dev", "250").await;
+    known.cmd(&login, "235").await;
+    // The same address may still hold untrusted_max_connections_per_client that do not log in...
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        let mut c = Dialog::connect_from(stranger, relay.addr()).await;
+        c.expect("220").await;
+        idle.push(c);
+    }
+    // ...but no more.
+    let mut c = Dialog::connect_from(stranger, relay.addr()).await;
+    c.expect("421 4.7.0 Too many connections from your address that have not logged in")
+        .await;
+    c.expect_closed().await;
+    // All strangers together hold at most untrusted_max_connections.
+    for _ in 0..2 {
+        let mut c = Dialog::connect_from("127.0.0.3".parse().unwrap(), relay.addr()).await;
+        c.expect("220").await;
+        idle.push(c);
+    }
+    let mut c = Dialog::connect_from("127.0.0.4".parse().unwrap(), relay.addr()).await;
+    c.expect("421 4.7.0 Too many connections from outside the allowed networks")
+        .await;
+
+    // None of the idle strangers count towards max_connections: with the logged-in client in
+    // one slot, the printer gets the other three.
+    let mut printers = Vec::new();
+    for _ in 0..3 {
+        let mut p = Dialog::connect(relay.addr()).await;
+        p.expect("220").await;
+        printers.push(p);
+    }
+    printers[0].cmd("EHLO printer", "250").await;
+    printers[0]
+        .send_mail(
+            "scan@printer.local",
+            &["r@example.com"],
+            b"Subject: x\r\n\r\nx\r\n",
+        )
+        .await;
+    let mut over = Dialog::connect(relay.addr()).await;
+    over.expect("421 4.7.0 Too many connections, try again later")
+        .await;
+
+    // Strangers that sit idle are dropped after untrusted_command_timeout; the printers and
+    // the logged-in client (command_timeout = 1h) are not.
+    let t = Instant::now();
+    for c in &mut idle {
+        c.expect("421 4.4.2").await;
+        c.expect_closed().await;
+    }
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    known.cmd("NOOP", "250").await;
+    printers[1].cmd("NOOP", "250").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

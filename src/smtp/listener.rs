@@ -1,5 +1,9 @@
-//! The async driver around [`Session`]: accept loop, connection limit, TLS (STARTTLS and
-//! implicit), timeouts, spool I/O and graceful shutdown with `421 4.3.0`.
+//! The async driver around [`Session`]: accept loop, connection budgets (see [`super::limits`]),
+//! TLS (STARTTLS and implicit), timeouts, spool I/O and graceful shutdown with `421 4.3.0`.
+//!
+//! Clients outside `allowed_networks` that have not logged in wait at most
+//! `untrusted_command_timeout` (never longer than `command_timeout`) for each command and TLS
+//! handshake; after a successful AUTH they get the normal timeouts and budget.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -10,14 +14,15 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, warn};
 
-use super::auth::{AuthGuard, Users};
+use super::auth::{AuthGuard, Users, Verdict};
+use super::client::canonical_ip;
+use super::limits::{Admission, Limits};
 use super::reply;
 use super::session::{AuthOutcome, Session, SessionParams, Step};
 use crate::config::{Config, ListenerConfig, TlsMode};
@@ -32,7 +37,7 @@ pub struct Inbound {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub users: Users,
     pub guard: AuthGuard,
-    pub connections: Arc<Semaphore>,
+    pub limits: Arc<Limits>,
 }
 
 impl Inbound {
@@ -45,7 +50,7 @@ impl Inbound {
             metrics,
             users: Users::new(&config.users),
             guard: AuthGuard::new(config.relay.max_auth_failures, config.relay.auth_ban_time),
-            connections: Arc::new(Semaphore::new(config.relay.max_connections)),
+            limits: Limits::new(&config.relay),
             config,
             spool,
         }
@@ -60,33 +65,33 @@ impl Inbound {
             .any(|n| n.contains(&ip))
     }
 
+    /// Checks a login. The attempt is counted before argon2 runs (see [`AuthGuard::reserve`]),
+    /// so refused attempts cost nothing and parallel guesses cannot overshoot the limit.
     async fn authenticate(&self, ip: IpAddr, user: &str, password: &str) -> AuthOutcome {
-        if self.guard.is_banned(ip) {
-            warn!(client = %ip, "AUTH refused: address is temporarily banned after repeated failures");
-            return AuthOutcome::Banned;
+        let attempt = match self.guard.reserve(ip) {
+            Ok(a) => a,
+            Err(why) => {
+                warn!(client = %ip, reason = %why, "AUTH refused without checking the password");
+                return AuthOutcome::Banned;
+            }
+        };
+        let ok = self.users.verify(user, password).await;
+        match attempt.settle(ok) {
+            Verdict::Success => {
+                info!(client = %ip, user = %user.escape_debug(), "AUTH succeeded");
+                AuthOutcome::Success
+            }
+            Verdict::Failure { banned } => {
+                self.metrics.smtp_auth_failures.inc();
+                warn!(client = %ip, user = %user.escape_debug(), banned, "AUTH failed");
+                tokio::time::sleep(self.config.relay.auth_failure_delay).await;
+                if banned {
+                    AuthOutcome::Banned
+                } else {
+                    AuthOutcome::Failure
+                }
+            }
         }
-        if self.users.verify(user, password).await {
-            self.guard.success(ip);
-            info!(client = %ip, user = %user.escape_debug(), "AUTH succeeded");
-            return AuthOutcome::Success;
-        }
-        let banned = self.guard.failure(ip);
-        self.metrics.smtp_auth_failures.inc();
-        warn!(client = %ip, user = %user.escape_debug(), banned, "AUTH failed");
-        tokio::time::sleep(self.config.relay.auth_failure_delay).await;
-        if banned {
-            AuthOutcome::Banned
-        } else {
-            AuthOutcome::Failure
-        }
-    }
-}
-
-/// IPv4-mapped IPv6 addresses (dual-stack sockets) are matched as IPv4.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
     }
 }
 
@@ -133,10 +138,14 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let span = tracing::info_span!("smtp", client = %peer, listener = %local);
-        let Ok(permit) = inbound.connections.clone().try_acquire_owned() else {
-            warn!(parent: &span, "connection refused: max_connections reached");
-            tracker.spawn(refuse(tcp, reply::too_many_connections()));
-            continue;
+        let network_allowed = inbound.network_allowed(peer.ip());
+        let admission = match inbound.limits.admit(peer.ip(), network_allowed) {
+            Ok(a) => a,
+            Err(refusal) => {
+                warn!(parent: &span, reason = refusal.reason(), "connection refused");
+                tracker.spawn(refuse(tcp, refusal.reply()));
+                continue;
+            }
         };
         let (inbound, params, tls, lc_tls, shutdown) = (
             inbound.clone(),
@@ -150,9 +159,13 @@ pub async fn serve(
             async move {
                 inbound.metrics.smtp_active_sessions.inc();
                 let metrics = inbound.metrics.clone();
-                connection(tcp, peer, lc_tls, tls, params, inbound, shutdown).await;
+                let accepted = Accepted {
+                    tcp,
+                    peer,
+                    admission,
+                };
+                connection(accepted, lc_tls, tls, params, inbound, shutdown).await;
                 metrics.smtp_active_sessions.dec();
-                drop(permit);
             }
             .instrument(span),
         );
@@ -249,25 +262,44 @@ async fn flush(conn: &mut Conn, session: &mut Session, limit: Duration) -> io::R
     }
 }
 
-async fn connection(
+/// A connection that passed the budgets; it holds its slots until it is dropped.
+struct Accepted {
     tcp: TcpStream,
     peer: SocketAddr,
+    admission: Admission,
+}
+
+async fn connection(
+    accepted: Accepted,
     mode: TlsMode,
     tls: Option<TlsAcceptor>,
     params: Arc<SessionParams>,
     inbound: Arc<Inbound>,
     shutdown: CancellationToken,
 ) {
+    let Accepted {
+        tcp,
+        peer,
+        mut admission,
+    } = accepted;
     let relay = &inbound.config.relay;
+    // The budget a stranger gets until it logs in; `admission` knows which it is.
+    let command_timeout = |a: &Admission| {
+        if a.is_stranger() {
+            relay.untrusted_command_timeout.min(relay.command_timeout)
+        } else {
+            relay.command_timeout
+        }
+    };
     let ip = canonical_ip(peer.ip());
-    let network_allowed = inbound.network_allowed(ip);
+    let network_allowed = !admission.is_stranger();
     if !network_allowed && inbound.guard.is_banned(ip) {
         info!("connection refused: address is temporarily banned after failed logins");
         return refuse(tcp, reply::banned()).await;
     }
     let mut conn = match (mode, tls.as_ref()) {
         (TlsMode::Implicit, Some(acceptor)) => {
-            match tokio::time::timeout(relay.command_timeout, acceptor.accept(tcp)).await {
+            match tokio::time::timeout(command_timeout(&admission), acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => Conn::Tls(Box::new(s)),
                 Ok(Err(e)) => return info!(error = %e, "TLS handshake failed"),
                 Err(_) => return info!("TLS handshake timed out"),
@@ -285,7 +317,6 @@ async fn connection(
     let (mut start, mut end) = (0usize, 0usize);
     let mut writer: Option<MessageWriter> = None;
     let mut deadline: Option<Instant> = None;
-    let write_limit = relay.command_timeout;
 
     loop {
         let mut input = &buf[start..end];
@@ -293,7 +324,10 @@ async fn connection(
         start = end - input.len();
         match step {
             Step::Read => {
-                if flush(&mut conn, &mut session, write_limit).await.is_err() {
+                if flush(&mut conn, &mut session, command_timeout(&admission))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 if start < end {
@@ -304,7 +338,7 @@ async fn connection(
                 let limit = if session.in_data() {
                     relay.data_timeout
                 } else {
-                    relay.command_timeout
+                    command_timeout(&admission)
                 };
                 let busy = session.busy();
                 tokio::select! {
@@ -335,6 +369,9 @@ async fn connection(
             }
             Step::Authenticate(creds) => {
                 let outcome = inbound.authenticate(ip, &creds.user, &creds.password).await;
+                if outcome == AuthOutcome::Success {
+                    admission.logged_in();
+                }
                 session.auth_result(&creds.user, outcome);
             }
             Step::OpenMessage => match inbound.spool.create().await {
@@ -393,7 +430,10 @@ async fn connection(
                 }
             }
             Step::StartTls => {
-                if flush(&mut conn, &mut session, write_limit).await.is_err() {
+                if flush(&mut conn, &mut session, command_timeout(&admission))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
                 // Anything the client sent after STARTTLS, before the handshake, is dropped
@@ -403,7 +443,8 @@ async fn connection(
                 let (Conn::Plain(tcp), Some(acceptor)) = (conn, tls.as_ref()) else {
                     break;
                 };
-                match tokio::time::timeout(relay.command_timeout, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(command_timeout(&admission), acceptor.accept(tcp)).await
+                {
                     Ok(Ok(s)) => {
                         conn = Conn::Tls(Box::new(s));
                         session.tls_started();
@@ -419,7 +460,7 @@ async fn connection(
                 }
             }
             Step::Close => {
-                let _ = flush(&mut conn, &mut session, write_limit).await;
+                let _ = flush(&mut conn, &mut session, command_timeout(&admission)).await;
                 let _ = tokio::time::timeout(Duration::from_secs(5), conn.shutdown()).await;
                 break;
             }

@@ -89,6 +89,27 @@ pub fn shutting_down(host: &str) -> Reply {
 pub fn too_many_connections() -> Reply {
     Reply::new(421, "4.7.0", "Too many connections, try again later")
 }
+pub fn too_many_connections_from_client() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many connections from your address, try again later",
+    )
+}
+pub fn too_many_strangers() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many connections from outside the allowed networks, try again later",
+    )
+}
+pub fn too_many_not_logged_in_from_client() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many connections from your address that have not logged in, try again later",
+    )
+}
 pub fn banned() -> Reply {
     Reply::new(
         421,
