@@ -102,6 +102,13 @@ pub async fn doctor(config: &Config, account: Option<&str>) -> Report {
             AccountKind::Exchange => doctor_exchange(config, a, &mut r).await,
         }
     }
+    if config
+        .accounts
+        .iter()
+        .any(|a| a.kind == AccountKind::Exchange)
+    {
+        r.line("note: Exchange reports some refusals only later, as a non-delivery report into the sending mailbox (5.7.708 IP not accepted, 5.7.705/5.7.750 tenant sending limits): watch that mailbox's inbox after the first messages.");
+    }
     r.line(if r.ok {
         "all checks passed"
     } else {
@@ -180,6 +187,7 @@ async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
                             .map(|d| d.to_rfc3339())
                             .unwrap_or_else(|| "-".into())
                     ));
+                    clock_check(&c, r);
                     let roles = claim_list(&c["roles"]);
                     if !roles.contains("SMTP.SendAsApp") {
                         r.line("         note: the token has no SMTP.SendAsApp role; Exchange will refuse it unless RBAC for Applications grants it");
@@ -200,6 +208,22 @@ async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
     match exchange.connect().await {
         Ok((mut conn, _)) => {
             r.pass("SMTP", "connected, STARTTLS done, AUTH XOAUTH2 accepted");
+            let mailbox = a.mailbox.as_deref().unwrap_or("");
+            match exchange.probe_envelope(&mut conn, mailbox, mailbox).await {
+                Ok(()) => r.pass(
+                    "sender",
+                    format!("MAIL FROM:<{mailbox}> and RCPT TO:<{mailbox}> accepted (then RSET; nothing sent)"),
+                ),
+                Err((Some(advice), text)) => r.fail("sender", format!("{} [{text}]", advice.cause), advice.fix),
+                Err((None, text)) => r.fail(
+                    "sender",
+                    text,
+                    "see the reply; if it persists, run send-test to see what a real message gets",
+                ),
+            }
+            if a.rewrite_from == crate::config::RewriteFrom::Never {
+                r.line("         note: rewrite_from = \"never\": each device's From: needs SendAs; test one with: exorelay send-test --from <device address> --to <you>");
+            }
             let _ = conn.quit().await;
         }
         Err(e) => {
@@ -212,12 +236,31 @@ async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
     }
 }
 
+/// Compares this machine's clock with the token's issue time: a clock off by minutes breaks
+/// certificate assertions (AADSTS700024) and token expiry.
+fn clock_check(claims: &serde_json::Value, r: &mut Report) {
+    let Some(iat) = claims["iat"].as_i64() else {
+        return;
+    };
+    let skew = chrono::Utc::now().timestamp() - iat;
+    if skew.abs() > 300 {
+        r.fail(
+            "clock",
+            format!("this machine's clock is {skew} s off Entra's (token issued at {iat})"),
+            "synchronise the clock: timedatectl set-ntp true (or point chrony/ntpd at a reachable NTP server)",
+        );
+    } else {
+        r.pass("clock", format!("within {} s of Entra's", skew.abs()));
+    }
+}
+
 /// Sends one test message to `to` through the spool, the forwarder and the account's upstream,
 /// using a private spool so a running relay is not disturbed. Waits up to `timeout`.
 pub async fn send_test(
     config: &Config,
     account: Option<&str>,
     to: &str,
+    from: Option<&str>,
     timeout: Duration,
 ) -> Report {
     let mut r = Report::new();
@@ -240,7 +283,7 @@ pub async fn send_test(
     cfg.queue.retry_max = Duration::from_secs(10);
     cfg.queue.dsn = crate::config::DsnTo::None;
     let cfg = Arc::new(cfg);
-    let result = send_test_in(&cfg, &acct, to, timeout, &mut r).await;
+    let result = send_test_in(&cfg, &acct, to, from, timeout, &mut r).await;
     if let Err(e) = result {
         r.fail("send-test", e, "see the message above");
     }
@@ -252,6 +295,7 @@ async fn send_test_in(
     cfg: &Arc<Config>,
     acct: &AccountConfig,
     to: &str,
+    from: Option<&str>,
     timeout: Duration,
     r: &mut Report,
 ) -> Result<(), String> {
@@ -269,10 +313,14 @@ async fn send_test_in(
     let tracker = tokio_util::task::TaskTracker::new();
     let task = tokio::spawn(forwarder.run(Vec::new(), shutdown.clone(), tracker.clone()));
 
-    let from = acct
-        .mailbox
-        .clone()
-        .unwrap_or_else(|| format!("exorelay@{}", cfg.hostname));
+    let from = match from {
+        Some(f) => crate::submission::parse_address(f, crate::submission::AddressRole::Recipient)
+            .map_err(|e| format!("--from {f:?}: {e}"))?,
+        None => acct
+            .mailbox
+            .clone()
+            .unwrap_or_else(|| format!("exorelay@{}", cfg.hostname)),
+    };
     let now = chrono::Utc::now();
     let msg = format!(
         "From: exorelay <{from}>\r\nTo: <{to}>\r\nSubject: exorelay test message ({acct})\r\nDate: {date}\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nThis test message was sent by `exorelay send-test` on {host} through account {acct:?}.\r\nIf you can read it, the relay's path to its upstream works.\r\n",

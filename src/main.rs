@@ -83,6 +83,10 @@ enum Command {
         /// The account to send through (default: the first).
         #[arg(long)]
         account: Option<String>,
+        /// Send as this address (envelope and From:), as a device would: with
+        /// rewrite_from = "never" this tests the mailbox's SendAs right for it.
+        #[arg(long)]
+        from: Option<String>,
         /// How long to wait for the outcome.
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -338,6 +342,7 @@ fn main() -> ExitCode {
             config,
             to,
             account,
+            from,
             timeout,
         } => {
             init_logging(cli.log_format, "warn");
@@ -350,6 +355,7 @@ fn main() -> ExitCode {
                     &config,
                     account.as_deref(),
                     &to,
+                    from.as_deref(),
                     timeout,
                 )),
                 Err(code) => return code,

@@ -624,7 +624,21 @@ async fn doctor_explains_each_failure_and_passes_when_fixed() {
         "{out}"
     );
     assert!(
-        out.contains("[ok]   SMTP: connected, STARTTLS done, AUTH XOAUTH2 accepted"),
+        out.contains("[ok]   SMTP: connected, STARTTLS done, AUTH XOAUTH2 accepted")
+            && out.contains("[ok]   sender: MAIL FROM:<relay@contoso.com>")
+            && out.contains("[ok]   clock")
+            && out.contains("5.7.708"),
+        "{out}"
+    );
+    assert!(fake.delivered().is_empty(), "doctor sent nothing");
+    // A restricted sender shows at MAIL FROM, before any real message.
+    fake.faults()
+        .mail_once
+        .push_back("550 5.1.8 Access denied, bad outbound sender".into());
+    let (ok, out) = run_bin(vec!["doctor".into(), "--config".into(), cfg.clone()]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("[FAIL] sender") && out.contains("Restricted entities"),
         "{out}"
     );
     assert!(
@@ -689,6 +703,43 @@ async fn doctor_explains_each_failure_and_passes_when_fixed() {
     assert!(out.contains("[ok]   delivery"), "{out}");
     let got = wait_delivered(&fake, 1, 10).await;
     assert_eq!(got[0].rcpts, ["admin@contoso.com"]);
+
+    // rewrite_from = "never": send-test --from checks SendAs for one device's address.
+    let never = write_config(
+        &dir,
+        &relay_config(
+            &account(&fake, &good, "secret", "rewrite_from = \"never\""),
+            "",
+        ),
+    );
+    let send_as = |cfg: String| {
+        run_bin(vec![
+            "send-test".into(),
+            "--config".into(),
+            cfg,
+            "--to".into(),
+            "admin@contoso.com".into(),
+            "--from".into(),
+            "scanner@contoso.com".into(),
+            "--timeout".into(),
+            "30s".into(),
+        ])
+    };
+    let (ok, out) = send_as(never.clone()).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("Add-RecipientPermission -Identity <sender address>"),
+        "{out}"
+    );
+    fake.state
+        .send_as
+        .lock()
+        .unwrap()
+        .insert("scanner@contoso.com".into());
+    let (ok, out) = send_as(never).await;
+    assert!(ok, "{out}");
+    let got = wait_delivered(&fake, 2, 10).await;
+    assert_eq!(got[1].mail_from, "scanner@contoso.com");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -407,7 +407,7 @@ async fn token(
     let exp = now_secs() + lifetime.as_secs().max(1);
     let payload = serde_json::json!({
         "aud": "https://outlook.office365.com", "roles": ["SMTP.SendAsApp"], "tid": "9999-tenant-guid",
-        "appid": CLIENT_ID, "exp": exp, "jti": format!("{:016x}", fastrand::u64(..)),
+        "appid": CLIENT_ID, "exp": exp, "iat": now_secs(), "jti": format!("{:016x}", fastrand::u64(..)),
     });
     let tok = format!(
         "{}.{}.{}",

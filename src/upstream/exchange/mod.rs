@@ -863,6 +863,52 @@ impl Exchange {
     }
 }
 
+impl Exchange {
+    /// For `doctor`: MAIL FROM `from` and RCPT TO `to` on an authenticated connection, then RSET,
+    /// so sender restrictions (5.1.8, 5.7.57, 5.7.60 SendAs) show before the first real message.
+    /// Nothing is sent. On a refusal: the advice (when it is an account problem) and the reply.
+    pub async fn probe_envelope(
+        &self,
+        conn: &mut AsyncSmtpConnection,
+        from: &str,
+        to: &str,
+    ) -> Result<(), (Option<Advice>, String)> {
+        let parse = |a: &str| {
+            Address::from_str(a).map_err(|e| (None, format!("address {a:?} is not valid: {e}")))
+        };
+        let (from, to) = (parse(from)?, parse(to)?);
+        let refused = |this: &Exchange, e: &lettre::transport::smtp::Error| {
+            let (class, text) = this.classify_error(Phase::Transaction, e);
+            match class {
+                Class::Config(a) | Class::TokenRefused(a) | Class::Permanent(Some(a)) => {
+                    (Some(a), text)
+                }
+                _ => (None, text),
+            }
+        };
+        let step = |r: Result<
+            Result<lettre::transport::smtp::response::Response, lettre::transport::smtp::Error>,
+            tokio::time::error::Elapsed,
+        >,
+                    what: &str| match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(refused(self, &e)),
+            Err(_) => Err((None, timed_out(what))),
+        };
+        step(
+            tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Mail::new(Some(from), vec![])))
+                .await,
+            "the reply to MAIL FROM",
+        )?;
+        let rcpt = step(
+            tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Rcpt::new(to, vec![]))).await,
+            "the reply to RCPT TO",
+        );
+        let _ = tokio::time::timeout(COMMAND_TIMEOUT, conn.command(Rset)).await;
+        rcpt
+    }
+}
+
 /// A connection failure as `doctor` reports it.
 pub struct ConnErrorPublic(ConnError);
 
