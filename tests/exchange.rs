@@ -936,6 +936,23 @@ async fn failures_before_the_envelope_pause_and_never_bounce() {
         };
         let text = account["advice"].to_string();
         assert!(text.contains(advice), "{name}: advice {text}");
+        // The same advice on the status page and in the log.
+        let page = reqwest::get(format!("http://{}/", relay.http.unwrap()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            page.contains(&exorelay::http::html::esc(advice)),
+            "{name}: status page"
+        );
+        assert!(
+            logs()
+                .lines()
+                .any(|l| l.contains("account paused") && l.contains(advice)),
+            "{name}: log"
+        );
         // Nothing bounced, nothing counted against the message.
         let meta: serde_json::Value = serde_json::from_slice(
             &std::fs::read(relay.path("spool/queue").join(format!("{id}.json"))).unwrap(),
