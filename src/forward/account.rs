@@ -9,7 +9,8 @@
 //!   `Active` again (no failure counted);
 //! - `Paused { advice, next_probe, probing }`: a configuration error; from `next_probe` on, one
 //!   message is tried (the probe). Its success makes the account `Active`; a new pause signal
-//!   waits `probe_interval` for the next probe;
+//!   waits `probe_interval` for the next probe; a probe that never reached the upstream lets
+//!   another go at once;
 //! - `Held { until }`: the daily recipient quota is used up; `Active` again at `until`;
 //! - `PausedByAdmin`: nothing goes out and nothing is probed until the administrator resumes it.
 //!
@@ -70,6 +71,12 @@ pub enum Event {
     Tick,
     /// The forwarder sent the probe of a paused account.
     ProbeSent,
+    /// An attempt dispatched in `epoch` never reached the upstream (it stood down behind a
+    /// block, or its message could not be read): it says nothing about the account, but if it
+    /// was the probe, another may go.
+    NotSent {
+        epoch: u64,
+    },
     /// An attempt dispatched in `epoch` reached the upstream and finished.
     Finished {
         epoch: u64,
@@ -218,6 +225,20 @@ pub fn on_event(
             probing: true,
         }),
         (Event::ProbeSent, _) => same(),
+
+        (
+            Event::NotSent { epoch },
+            Paused {
+                advice,
+                next_probe,
+                probing: true,
+            },
+        ) if *epoch == account.epoch => keep_epoch(Paused {
+            advice: advice.clone(),
+            next_probe: *next_probe,
+            probing: false,
+        }),
+        (Event::NotSent { .. }, _) => same(),
 
         (Event::Finished { epoch, signal }, state) => {
             let fresh = *epoch == account.epoch;

@@ -28,6 +28,7 @@ pub mod account;
 pub mod backoff;
 pub mod dsn;
 pub mod schedule;
+pub mod settle;
 pub mod status;
 
 use std::collections::HashMap;
@@ -47,9 +48,10 @@ use crate::metrics::{FailedLabels, Metrics};
 use crate::spool::{Area, Client, Meta, RecipientStatus, Spool};
 use crate::upstream::capture::Capture;
 use crate::upstream::exchange::Exchange;
-use crate::upstream::{AccountSignal, Job, Outcome, Upstream};
+use crate::upstream::{AccountSignal, Job, Upstream};
 use account::{Admit, Event};
 use schedule::{Place, Schedule};
+use settle::{Disposition, Settlement};
 pub use status::{AccountState, Status};
 
 /// One account's way out: its upstream, its limits and its state machine.
@@ -148,13 +150,9 @@ struct Done {
     retry_at: Option<Instant>,
     signal: Option<AccountSignal>,
     delivered: usize,
-    /// Never reached the upstream: its account was blocked while it waited for a connection.
-    /// Says nothing about the account's state.
+    /// Never reached the upstream: its account was blocked while it waited for a connection, or
+    /// its message could not be read. Says nothing about the account's state.
     stood_down: bool,
-}
-
-fn chrono_of(d: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(d).unwrap_or(chrono::Duration::seconds(3600))
 }
 
 /// A persisted wall time as an instant on the forwarder's clock (the past becomes now).
@@ -466,6 +464,7 @@ impl Forwarder {
     /// Applies what an attempt learnt about its account, and says so in the logs.
     fn finished(&mut self, done: &Done) {
         if done.stood_down {
+            self.apply(&done.account, &Event::NotSent { epoch: done.epoch });
             return;
         }
         let Some(lane) = self.lanes.get_mut(&done.account) else {
@@ -635,9 +634,9 @@ async fn attempt(
         retry_at: None,
         signal,
         delivered: 0,
-        stood_down: false,
+        stood_down: true,
     };
-    let mut meta = if let Some(m) = fresh {
+    let meta = if let Some(m) = fresh {
         m
     } else {
         let (spool, owned_id) = (spool.clone(), id.to_string());
@@ -675,171 +674,108 @@ async fn attempt(
         }
     };
     let recipients = job.recipients;
-
-    let (mut delivered, mut deferred, mut failed, mut skipped) = (0, 0, 0, 0);
-    let mut last_problem = None;
-    let missing = Outcome::Temporary("upstream gave no result for this recipient".into());
-    for (addr, outcome) in recipients
-        .iter()
-        .zip(result.outcomes.iter().chain(std::iter::repeat(&missing)))
-    {
-        let Some(r) = meta
-            .recipients
-            .iter_mut()
-            .find(|r| &r.address == addr && r.status == RecipientStatus::Pending)
-        else {
-            continue;
-        };
-        match outcome {
-            Outcome::Delivered(reply) => {
-                r.attempts += 1;
-                r.status = RecipientStatus::Delivered;
-                r.last_reply = Some(reply.clone());
-                delivered += 1;
-            }
-            Outcome::Temporary(reply) => {
-                r.attempts += 1;
-                r.last_reply = Some(reply.clone());
-                last_problem = Some(reply.clone());
-                deferred += 1;
-            }
-            Outcome::Permanent(reply) => {
-                r.attempts += 1;
-                r.status = RecipientStatus::Failed;
-                r.last_reply = Some(reply.clone());
-                last_problem = Some(reply.clone());
-                failed += 1;
-                warn!(queue_id = %id, recipient = %addr, reply = %reply, "recipient failed permanently");
-            }
-            Outcome::NotAttempted(reason) => {
-                r.last_reply = Some(format!("waiting: {reason}"));
-                skipped += 1;
-            }
-        }
-    }
-    if delivered + deferred + failed > 0 {
-        meta.attempts += 1;
-    }
     let now = Utc::now();
-    let age = (now - meta.requeued_at.unwrap_or(meta.received_at))
-        .to_std()
-        .unwrap_or_default();
-    let mut expired = false;
-    if deferred + skipped > 0 && age >= config.queue.max_age {
-        expired = true;
-        for r in meta
-            .recipients
-            .iter_mut()
-            .filter(|r| r.status == RecipientStatus::Pending)
-        {
-            r.status = RecipientStatus::Failed;
-            let last = r.last_reply.take().unwrap_or_default();
-            r.last_reply = Some(format!(
-                "gave up after {} in the queue (max_age); last error: {last}",
-                humantime::format_duration(config.queue.max_age)
-            ));
-        }
-    }
-    let pending_left = meta.pending().count();
-    let any_failed = meta
-        .recipients
-        .iter()
-        .any(|r| r.status == RecipientStatus::Failed);
-
-    let retry_in = if pending_left == 0 {
-        None
-    } else if deferred == 0 && skipped > 0 {
-        // Only held back by the account's state: the account gate decides when.
-        Some(Duration::from_secs(1))
-    } else {
-        Some(backoff::delay(
-            config.queue.retry_initial,
-            config.queue.retry_max,
-            meta.attempts.max(1),
-        ))
+    let backoff =
+        |attempts| backoff::delay(config.queue.retry_initial, config.queue.retry_max, attempts);
+    let policy = settle::Policy {
+        max_age: config.queue.max_age,
+        backoff: &backoff,
     };
-    let retry_at = retry_in.map(|d| now + chrono_of(d));
-    meta.next_attempt_at = retry_at;
-    info!(queue_id = %id, account = %account, attempt = meta.attempts, delivered, deferred, failed, not_attempted = skipped,
-          expired, retry_at = ?retry_at, last_problem = ?last_problem, "delivery attempt");
-
-    let spool2 = spool.clone();
-    let meta2 = meta.clone();
-    let result_io = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        if pending_left > 0 {
-            spool2.update(&meta2)
-        } else if any_failed {
-            spool2.fail(&meta2)
-        } else {
-            spool2.remove(&meta2.id)
-        }
-    })
-    .await
-    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-    let retry_in = match result_io {
-        Ok(()) => {
-            let label = Metrics::account(account);
-            if pending_left == 0 && any_failed {
-                warn!(queue_id = %id, "message moved to failed/");
-                let class = if expired { "expired" } else { "permanent" };
-                ctx.metrics
-                    .failed
-                    .get_or_create(&FailedLabels {
-                        account: account.to_string(),
-                        class: class.into(),
-                    })
-                    .inc();
-                ctx.status.event(
-                    "failed",
-                    id,
-                    account,
-                    last_problem.as_deref().unwrap_or(class),
-                );
-                send_dsn(spool, config, &meta).await;
-            } else if pending_left == 0 {
-                // Latency first: a scrape that sees the delivery also sees its latency.
-                let latency = (now - meta.received_at).to_std().unwrap_or_default();
-                ctx.metrics
-                    .delivery_latency
-                    .get_or_create(&label)
-                    .observe(latency.as_secs_f64());
-                ctx.metrics.delivered.get_or_create(&label).inc();
-                ctx.status.event(
-                    "delivered",
-                    id,
-                    account,
-                    &format!("{} recipient(s)", meta.recipients.len()),
-                );
-            } else if deferred > 0 {
-                ctx.metrics.deferred.get_or_create(&label).inc();
-                ctx.status.event(
-                    "deferred",
-                    id,
-                    account,
-                    last_problem.as_deref().unwrap_or(""),
-                );
-            }
-            retry_in
-        }
-        Err(e) => {
-            // The meta on disk still says pending: retrying later is safe (at worst a repeat).
-            error!(queue_id = %id, error = %e, "cannot update the spool after a delivery attempt; will retry");
-            Some(backoff::delay(
-                config.queue.retry_initial,
-                config.queue.retry_max,
-                1,
-            ))
-        }
-    };
+    let settled = settle::settle(meta, &recipients, &result.outcomes, now, &policy);
+    let retry_in = persist(ctx, &settled, account).await;
     Done {
         id: id.to_string(),
         account: account.to_string(),
         epoch: 0,
         retry_at: retry_in.map(|d| Instant::now() + d),
         signal: result.signal,
-        delivered,
+        delivered: settled.delivered,
         stood_down: false,
     }
+}
+
+/// Acts on a settled attempt: writes the meta (or removes the message, or moves it to
+/// `failed/` with a DSN), logs, counts and reports. Returns when to try again; when the spool
+/// cannot be written, the meta on disk still says pending, so a later retry is safe.
+async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<Duration> {
+    let (spool, config, meta, id) = (ctx.spool, ctx.config, &s.meta, s.meta.id.as_str());
+    for (recipient, reply) in &s.refused {
+        warn!(queue_id = %id, %recipient, %reply, "recipient failed permanently");
+    }
+    let (retry_in, expired) = match s.disposition {
+        Disposition::Retry(d) => (Some(d), false),
+        Disposition::Failed { expired } => (None, expired),
+        Disposition::Delivered => (None, false),
+    };
+    info!(queue_id = %id, account = %account, attempt = meta.attempts, delivered = s.delivered, deferred = s.deferred,
+          failed = s.failed, not_attempted = s.skipped, expired, retry_at = ?meta.next_attempt_at,
+          last_problem = ?s.last_problem, "delivery attempt");
+
+    let (spool2, meta2, disposition) = (spool.clone(), meta.clone(), s.disposition);
+    let result_io = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        match disposition {
+            Disposition::Retry(_) => spool2.update(&meta2),
+            Disposition::Failed { .. } => spool2.fail(&meta2),
+            Disposition::Delivered => spool2.remove(&meta2.id),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    if let Err(e) = result_io {
+        error!(queue_id = %id, error = %e, "cannot update the spool after a delivery attempt; will retry");
+        return Some(backoff::delay(
+            config.queue.retry_initial,
+            config.queue.retry_max,
+            1,
+        ));
+    }
+    let label = Metrics::account(account);
+    match s.disposition {
+        Disposition::Failed { expired } => {
+            warn!(queue_id = %id, "message moved to failed/");
+            let class = if expired { "expired" } else { "permanent" };
+            ctx.metrics
+                .failed
+                .get_or_create(&FailedLabels {
+                    account: account.to_string(),
+                    class: class.into(),
+                })
+                .inc();
+            ctx.status.event(
+                "failed",
+                id,
+                account,
+                s.last_problem.as_deref().unwrap_or(class),
+            );
+            send_dsn(spool, config, meta).await;
+        }
+        Disposition::Delivered => {
+            // Latency first: a scrape that sees the delivery also sees its latency.
+            let latency = (Utc::now() - meta.received_at).to_std().unwrap_or_default();
+            ctx.metrics
+                .delivery_latency
+                .get_or_create(&label)
+                .observe(latency.as_secs_f64());
+            ctx.metrics.delivered.get_or_create(&label).inc();
+            ctx.status.event(
+                "delivered",
+                id,
+                account,
+                &format!("{} recipient(s)", meta.recipients.len()),
+            );
+        }
+        Disposition::Retry(_) if s.deferred > 0 => {
+            ctx.metrics.deferred.get_or_create(&label).inc();
+            ctx.status.event(
+                "deferred",
+                id,
+                account,
+                s.last_problem.as_deref().unwrap_or(""),
+            );
+        }
+        Disposition::Retry(_) => {}
+    }
+    retry_in
 }
 
 /// Queues a delivery status notification for a failed message, unless it was itself a

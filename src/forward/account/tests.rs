@@ -252,6 +252,63 @@ async fn every_transition() {
             ],
         ),
         (
+            "a probe that never reached the upstream lets another go",
+            active(),
+            vec![
+                (
+                    0,
+                    done(0, Some(AccountSignal::Paused(advice()))),
+                    Paused {
+                        probe_at: 60,
+                        probing: false,
+                    },
+                    1,
+                    Adm::Until(60),
+                ),
+                (
+                    60,
+                    Event::ProbeSent,
+                    Paused {
+                        probe_at: 60,
+                        probing: true,
+                    },
+                    1,
+                    Adm::Never,
+                ),
+                // An attempt from before the pause stood down: not the probe.
+                (
+                    0,
+                    Event::NotSent { epoch: 0 },
+                    Paused {
+                        probe_at: 60,
+                        probing: true,
+                    },
+                    1,
+                    Adm::Never,
+                ),
+                (
+                    1,
+                    Event::NotSent { epoch: 1 },
+                    Paused {
+                        probe_at: 60,
+                        probing: false,
+                    },
+                    1,
+                    Adm::Probe,
+                ),
+                (
+                    0,
+                    Event::NotSent { epoch: 1 },
+                    Paused {
+                        probe_at: 60,
+                        probing: false,
+                    },
+                    1,
+                    Adm::Probe,
+                ),
+            ],
+        ),
+        (
             "probe throttled: still paused, probe again after the throttle",
             active(),
             vec![
@@ -373,6 +430,7 @@ async fn every_transition() {
                 (0, Event::AdminPause, Admin, 1, Adm::Never),
                 (0, Event::Tick, Admin, 1, Adm::Never),
                 (0, Event::ProbeSent, Admin, 1, Adm::Never),
+                (0, Event::NotSent { epoch: 1 }, Admin, 1, Adm::Never),
                 (3600, Event::AdminResume, Active, 2, Adm::Any),
                 (0, Event::AdminResume, Active, 2, Adm::Any),
             ],
@@ -534,6 +592,7 @@ async fn every_transition() {
                 (0, done(0, None), Active, 0, Adm::Any),
                 (0, Event::Tick, Active, 0, Adm::Any),
                 (0, Event::ProbeSent, Active, 0, Adm::Any),
+                (0, Event::NotSent { epoch: 0 }, Active, 0, Adm::Any),
             ],
         ),
     ];
