@@ -147,3 +147,48 @@ async fn retry_of_a_message_waiting_for_its_account_delivers_it_once() {
     assert_eq!(fake.delivered_count(), 1, "nothing delivered after restart");
     again.stop().await;
 }
+
+/// The same with an account paused by a configuration error: the retried message waits for the
+/// probe, which delivers it once the administrator has fixed the problem.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_of_a_message_waiting_for_a_probe_delivers_it_once() {
+    let fake = FakeExchange::start().await;
+    let setup = Setup::new(&fake);
+    fake.faults().auth_always = Some(
+        "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. [X]".into(),
+    );
+    let mut relay = TestRelay::start(&setup.config(&fake)).await;
+    let first = submit(&relay, "first").await;
+    let accounts = format!(
+        "http://{}/api/v1/accounts",
+        relay.http.expect("http side bound")
+    );
+    let paused = || async {
+        let v: serde_json::Value = reqwest::get(&accounts).await.unwrap().json().await.unwrap();
+        v.to_string().contains("\"state\":\"paused\"")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !paused().await {
+        assert!(Instant::now() < deadline, "account never paused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = submit(&relay, "second").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for id in [&first, &second, &second] {
+        let (code, text) = admin(&relay, &format!("/api/v1/queue/{id}/retry")).await;
+        assert!(code == 200 || code == 409, "{code} {text}");
+    }
+    fake.faults().auth_always = None;
+
+    eventually("both delivered", || fake.delivered_count() >= 2).await;
+    eventually("queue/ empty", || setup.files_in("queue").is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(fake.delivered_count(), 2, "each delivered exactly once");
+    relay.stop().await;
+    let mut again = TestRelay::start(&setup.config(&fake)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(setup.files_in("queue"), Vec::<String>::new());
+    assert_eq!(setup.files_in("corrupt"), Vec::<String>::new());
+    assert_eq!(fake.delivered_count(), 2);
+    again.stop().await;
+}

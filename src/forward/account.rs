@@ -152,6 +152,12 @@ impl Account {
                     .unwrap_or(chrono::Duration::zero())
         };
         match &self.state {
+            // Over, even if no event has said so yet.
+            State::Active | State::Throttled { .. } | State::Held { .. }
+                if self.admits(now) == Admit::Any =>
+            {
+                AccountState::Active
+            }
             State::Active => AccountState::Active,
             State::Throttled { until, reason } => AccountState::Throttled {
                 until: wall(*until),

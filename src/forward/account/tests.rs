@@ -632,4 +632,7 @@ async fn the_view_and_the_gauge_follow_the_state() {
     assert!(!held.paused());
     assert!(matches!(held.view(now, wall), AccountState::Held { .. }));
     assert_eq!(active().view(now, wall), AccountState::Active);
+    // A throttle whose time is over shows as active before any event says so.
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(a.view(Instant::now(), wall), AccountState::Active);
 }
