@@ -155,6 +155,16 @@ struct Done {
     stood_down: bool,
 }
 
+/// The account that sends a message naming `account`: itself, or the default account when it
+/// is no longer configured.
+fn lane_for(lanes: &HashMap<String, Lane>, default: &str, id: &str, account: &str) -> String {
+    if lanes.contains_key(account) {
+        return account.to_string();
+    }
+    warn!(queue_id = %id, %account, "message belongs to an account that is no longer configured; using the default account");
+    default.to_string()
+}
+
 /// A persisted wall time as an instant on the forwarder's clock (the past becomes now).
 fn instant_of(at: DateTime<Utc>) -> Instant {
     Instant::now() + (at - Utc::now()).to_std().unwrap_or_default()
@@ -269,14 +279,20 @@ impl Forwarder {
         Some((before, after))
     }
 
-    /// The account that sends a message naming `account`: itself, or the default account when
-    /// it is no longer configured.
-    fn lane_name(&self, id: &str, account: &str) -> String {
-        if self.lanes.contains_key(account) {
-            return account.to_string();
-        }
-        warn!(queue_id = %id, %account, "message belongs to an account that is no longer configured; using the default account");
-        self.config.accounts[0].name.clone()
+    /// When the run loop must look again without an event: the next scheduled message, or the
+    /// end of a block of an account that has messages waiting.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let blocks = self
+            .lanes
+            .iter()
+            .filter_map(|(name, lane)| match lane.state.admits(now) {
+                Admit::Nothing { until } if self.schedule.has_waiting(name) => until,
+                _ => None,
+            });
+        blocks
+            .chain(self.schedule.next_due())
+            .min()
+            .unwrap_or(now + Duration::from_secs(3600))
     }
 
     /// Runs until `shutdown`; attempts in progress are tracked by `tracker` and finish on their own.
@@ -297,23 +313,12 @@ impl Forwarder {
         }
         let mut prune = tokio::time::interval(Duration::from_secs(3600));
         loop {
-            let lanes: Vec<String> = self.lanes.keys().cloned().collect();
-            let mut schedule = std::mem::take(&mut self.schedule);
-            schedule.release_due(Instant::now(), |id, account| self.lane_name(id, account));
-            self.schedule = schedule;
+            let (lanes, default) = (&self.lanes, &self.config.accounts[0].name);
+            self.schedule.release_due(Instant::now(), |id, account| {
+                lane_for(lanes, default, id, account)
+            });
             self.dispatch(&done_tx, &tracker);
-
-            let now = Instant::now();
-            let mut wake = self.schedule.next_due();
-            for name in &lanes {
-                if let Some(lane) = self.lanes.get(name)
-                    && self.schedule.has_waiting(name)
-                    && let Admit::Nothing { until: Some(until) } = lane.state.admits(now)
-                {
-                    wake = Some(wake.map_or(until, |w| w.min(until)));
-                }
-            }
-            let wake = wake.unwrap_or(now + Duration::from_secs(3600));
+            let wake = self.next_wake(Instant::now());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(meta) = committed.recv() => {

@@ -232,4 +232,63 @@ mod tests {
         assert_eq!(s.start_next("gone"), None);
         assert_eq!(s.start_next("x").as_deref(), Some("A"));
     }
+
+    /// Any sequence of commits, retries, holds, releases, deletes, finished attempts and time
+    /// passing: an attempt is only ever started for a message that has none running, and every
+    /// known message is in exactly one place.
+    #[tokio::test(start_paused = true)]
+    async fn no_sequence_of_operations_starts_a_second_attempt() {
+        let mut rng = fastrand::Rng::with_seed(12);
+        let ids = ["A", "B", "C", "D"];
+        let mut s = Schedule::default();
+        let mut running: Vec<&str> = Vec::new();
+        for step in 0..5000 {
+            let id = ids[rng.usize(..ids.len())];
+            let now = Instant::now();
+            match rng.u8(..7) {
+                // Commit, retry, release: due now (refused while in flight).
+                0 | 1 => {
+                    let r = s.schedule(id, "x", now);
+                    assert_eq!(r.is_err(), running.contains(&id), "step {step}");
+                }
+                // Hold or delete.
+                2 => {
+                    let r = s.forget(id);
+                    assert_eq!(r.is_err(), running.contains(&id), "step {step}");
+                }
+                3 => s.release_due(now, same),
+                4 => {
+                    if let Some(started) = s.start_next("x") {
+                        let started = ids.iter().copied().find(|i| *i == started).unwrap();
+                        assert!(!running.contains(&started), "step {step}: second attempt");
+                        running.push(started);
+                    }
+                }
+                5 => {
+                    if !running.is_empty() {
+                        let done = running.swap_remove(rng.usize(..running.len()));
+                        let again = rng.bool().then(|| now + Duration::from_secs(rng.u64(0..3)));
+                        s.finished(done, "x", again);
+                    }
+                }
+                _ => tokio::time::advance(Duration::from_secs(1)).await,
+            }
+            for id in ids {
+                let in_timeline = s.timeline.iter().filter(|(_, i)| i == id).count();
+                let in_waiting = s
+                    .waiting
+                    .values()
+                    .flatten()
+                    .filter(|i| i.as_str() == id)
+                    .count();
+                let expected = match s.place(id) {
+                    None | Some(Place::InFlight) => (0, 0),
+                    Some(Place::Scheduled(_)) => (1, 0),
+                    Some(Place::Waiting) => (0, 1),
+                };
+                assert_eq!((in_timeline, in_waiting), expected, "step {step}: {id}");
+                assert_eq!(s.place(id) == Some(Place::InFlight), running.contains(&id));
+            }
+        }
+    }
 }
