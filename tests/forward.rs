@@ -127,6 +127,10 @@ async fn retry_of_a_message_waiting_for_its_account_delivers_it_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (code, text) = admin(&relay, &format!("/api/v1/queue/{id}/retry")).await;
     assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("paused by an administrator"),
+        "the reply says why it does not go yet: {text}"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(fake.delivered_count(), 0, "nothing goes out while paused");
     let (code, text) = admin(&relay, "/api/v1/accounts/contoso/resume").await;

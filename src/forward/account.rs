@@ -181,6 +181,17 @@ impl Account {
     }
 }
 
+/// The state in a few words, for replies to an administrator.
+pub fn describe(state: &State) -> &'static str {
+    match state {
+        State::Active => "active",
+        State::Throttled { .. } => "throttled",
+        State::Paused { .. } => "paused by a configuration problem",
+        State::Held { .. } => "held for its daily quota",
+        State::PausedByAdmin => "paused by an administrator",
+    }
+}
+
 pub fn admin_advice() -> Advice {
     Advice::new(
         "Paused by an administrator.",

@@ -388,7 +388,13 @@ impl Forwarder {
                     self.schedule
                         .schedule(&id, &m.account, Instant::now())
                         .map_err(|_| busy())?;
-                    Ok(format!("{id} will be tried now"))
+                    Ok(match self.lanes.get(&m.account).map(|l| &l.state.state) {
+                        Some(account::State::Active) | None => format!("{id} will be tried now"),
+                        Some(blocked) => format!(
+                            "{id} will be tried now; its account is {}, so it goes first when the account allows",
+                            account::describe(blocked)
+                        ),
+                    })
                 }
                 Some(from @ (Area::Failed | Area::Deleted)) => {
                     let mut m = self.spool.load_in(from, &id).map_err(io)?;
