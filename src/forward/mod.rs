@@ -54,6 +54,9 @@ use schedule::{Place, Schedule};
 use settle::{Disposition, Settlement};
 pub use status::{AccountState, Status};
 
+#[cfg(test)]
+mod tests;
+
 /// One account's way out: its upstream, its limits and its state machine.
 struct Lane {
     upstream: Arc<dyn Upstream>,
@@ -212,10 +215,21 @@ impl Forwarder {
         spool: Arc<Spool>,
         metrics: Arc<Metrics>,
     ) -> Result<Forwarder, ForwarderError> {
+        let build = |name: &str| upstream_for(&config, name, &metrics);
+        Self::with_upstreams(config.clone(), spool, metrics.clone(), build)
+    }
+
+    /// As [`Forwarder::new`], with each account's upstream from `upstream` (tests script them).
+    fn with_upstreams(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        metrics: Arc<Metrics>,
+        upstream: impl Fn(&str) -> Result<Arc<dyn Upstream>, ForwarderError>,
+    ) -> Result<Forwarder, ForwarderError> {
         let mut lanes = HashMap::new();
         let status = Arc::new(Status::default());
         for a in &config.accounts {
-            let upstream = upstream_for(&config, &a.name, &metrics)?;
+            let upstream = upstream(&a.name)?;
             let lane = Lane {
                 upstream,
                 slots: Arc::new(Semaphore::new(a.max_connections.saturating_mul(2))),
