@@ -572,8 +572,9 @@ impl Forwarder {
                     connections: lane.connections.clone(),
                     seen: lane.signals.load(Ordering::SeqCst),
                     signals: lane.signals.clone(),
+                    epoch: lane.state.epoch,
                 };
-                let (epoch, upstream) = (lane.state.epoch, lane.upstream.clone());
+                let upstream = lane.upstream.clone();
                 let fresh = self.fresh.remove(&id);
                 let (spool, config, done_tx, name, metrics, status) = (
                     self.spool.clone(),
@@ -594,8 +595,7 @@ impl Forwarder {
                         metrics: &metrics,
                         status: &status,
                     };
-                    let mut done = attempt(&ctx, upstream.as_ref(), &gate, &id, &name, fresh).await;
-                    done.epoch = epoch;
+                    let done = attempt(&ctx, upstream.as_ref(), &gate, &id, &name, fresh).await;
                     drop(permit);
                     let _ = done_tx.send(done);
                 });
@@ -621,6 +621,9 @@ struct Gate {
     /// The account's signal count when the attempt was dispatched.
     seen: u64,
     signals: Arc<AtomicU64>,
+    /// The account's state-machine epoch when the attempt was dispatched; the attempt reports
+    /// it, so a result from before a block is recognised as stale.
+    epoch: u64,
 }
 
 impl Gate {
@@ -655,7 +658,7 @@ async fn attempt(
     let gone = |signal| Done {
         id: id.to_string(),
         account: account.to_string(),
-        epoch: 0,
+        epoch: gate.epoch,
         retry_at: None,
         signal,
         delivered: 0,
@@ -711,7 +714,7 @@ async fn attempt(
     Done {
         id: id.to_string(),
         account: account.to_string(),
-        epoch: 0,
+        epoch: gate.epoch,
         retry_at: retry_in.map(|d| Instant::now() + d),
         signal: result.signal,
         delivered: settled.delivered,
