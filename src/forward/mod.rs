@@ -5,26 +5,40 @@
 //! - a message leaves `queue/` only when every recipient is delivered (removed) or given up on
 //!   (moved to `failed/`, with a delivery status notification); a crash at any point leaves it
 //!   queued, so the worst case is one repeated attempt, never a lost message;
+//! - at most one attempt per message at a time: each queued message is in exactly one place
+//!   ([`schedule::Schedule`]: scheduled, waiting for its account, or in flight), and attempts are
+//!   only created by taking a waiting message. An administrator's retry of a scheduled or waiting
+//!   message makes it due now (it moves, it is never queued twice); retry, hold, release and
+//!   delete of a message in flight are refused with a conflict;
 //! - only recipients still pending are retried; temporary failures back off exponentially
 //!   (`retry_initial` doubling up to `retry_max`, ±10 % jitter) until `max_age`;
 //! - at most `max_connections` attempts talk to an account's upstream at once; twice as many
 //!   may be in flight, so reading a message from the spool and recording its outcome overlap
 //!   another message's transmission instead of leaving a connection idle;
 //! - an account can be throttled (Exchange's rate limits: wait, count no failure), paused (a
-//!   configuration error: keep mail queued, try one message every `probe_interval`) or held
-//!   (daily recipient quota). Its state and the advice that goes with it are in [`Status`].
+//!   configuration error: keep mail queued, try one message every `probe_interval`), held
+//!   (daily recipient quota) or paused by an administrator (until resumed; resume means "try
+//!   now"). The states and their transitions are [`account`]; [`Status`] and the
+//!   `exorelay_account_paused` gauge are derived from them.
+//!
+//! Timers run on `tokio::time::Instant`; wall time is used only for what is persisted
+//! (`next_attempt_at`) and shown.
 
+pub mod account;
 pub mod backoff;
 pub mod dsn;
+pub mod schedule;
+pub mod settle;
 pub mod status;
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
@@ -34,10 +48,17 @@ use crate::metrics::{FailedLabels, Metrics};
 use crate::spool::{Area, Meta, RecipientStatus, Spool};
 use crate::upstream::capture::Capture;
 use crate::upstream::exchange::Exchange;
-use crate::upstream::{AccountSignal, Job, Outcome, Upstream};
+use crate::upstream::{AccountSignal, Job, Upstream};
+use account::{Admit, Event};
+use schedule::{Place, Schedule};
+use settle::{Disposition, Settlement};
 pub use status::{AccountState, Status};
 
-struct Account {
+#[cfg(test)]
+mod tests;
+
+/// One account's way out: its upstream, its limits and its state machine.
+struct Lane {
     upstream: Arc<dyn Upstream>,
     /// Attempts in flight (2 x `max_connections`).
     slots: Arc<Semaphore>,
@@ -45,18 +66,11 @@ struct Account {
     connections: Arc<Semaphore>,
     /// Bumped by an attempt the moment its upstream signals a block (throttle, pause, quota),
     /// so attempts dispatched before it stand down instead of going out behind it.
-    block_epoch: Arc<AtomicU64>,
-    /// The block epoch whose signals `finished` has applied; while it lags, a block is known to
-    /// have happened but not yet how long it lasts, so nothing new is dispatched.
-    applied_epoch: u64,
-    /// Due messages waiting for a free slot or for the account to be usable again.
-    waiting: VecDeque<String>,
-    /// When the account may send again (throttled, paused, held); `None` when active.
-    blocked_until: Option<DateTime<Utc>>,
-    paused: bool,
-    probing: bool,
-    /// Paused by an administrator (not by an error): no probes until resumed.
-    held_by_admin: bool,
+    signals: Arc<AtomicU64>,
+    /// The count of `signals` that [`Forwarder::finished`] has applied; while it lags, a block
+    /// is known to have happened but not yet how long it lasts, so nothing new is dispatched.
+    applied: u64,
+    state: account::Account,
 }
 
 /// An administrator's command, from the HTTP side.
@@ -107,15 +121,13 @@ impl Control {
 pub struct Forwarder {
     config: Arc<Config>,
     spool: Arc<Spool>,
-    accounts: HashMap<String, Account>,
+    lanes: HashMap<String, Lane>,
     status: Arc<Status>,
     metrics: Arc<Metrics>,
     control_tx: mpsc::Sender<ControlMsg>,
     control_rx: mpsc::Receiver<ControlMsg>,
-    /// (due time, queue ID, account), with an index by ID.
-    schedule: BTreeSet<(DateTime<Utc>, String, String)>,
-    scheduled: HashMap<String, (DateTime<Utc>, String)>,
-    in_flight: HashSet<String>,
+    /// Where every queued message is: scheduled, waiting or in flight.
+    schedule: Schedule,
     /// Metas of just-committed messages, so their first attempt need not read the file back.
     /// Bounded by [`FRESH_MAX`]; an administrator's command on a message drops its entry.
     fresh: HashMap<String, Meta>,
@@ -135,13 +147,30 @@ pub struct ForwarderError {
 struct Done {
     id: String,
     account: String,
+    /// The account's epoch when the attempt was dispatched (see [`account`]).
+    epoch: u64,
     /// When to try again; `None` when the message has left the queue.
-    retry_at: Option<DateTime<Utc>>,
+    retry_at: Option<Instant>,
     signal: Option<AccountSignal>,
     delivered: usize,
-    /// Never reached the upstream: its account was blocked while it waited for a connection.
-    /// Says nothing about the account's state.
+    /// Never reached the upstream: its account was blocked while it waited for a connection, or
+    /// its message could not be read. Says nothing about the account's state.
     stood_down: bool,
+}
+
+/// The account that sends a message naming `account`: itself, or the default account when it
+/// is no longer configured.
+fn lane_for(lanes: &HashMap<String, Lane>, default: &str, id: &str, account: &str) -> String {
+    if lanes.contains_key(account) {
+        return account.to_string();
+    }
+    warn!(queue_id = %id, %account, "message belongs to an account that is no longer configured; using the default account");
+    default.to_string()
+}
+
+/// A persisted wall time as an instant on the forwarder's clock (the past becomes now).
+fn instant_of(at: DateTime<Utc>) -> Instant {
+    Instant::now() + (at - Utc::now()).to_std().unwrap_or_default()
 }
 
 /// Builds the upstream for one account.
@@ -186,43 +215,46 @@ impl Forwarder {
         spool: Arc<Spool>,
         metrics: Arc<Metrics>,
     ) -> Result<Forwarder, ForwarderError> {
-        let mut accounts = HashMap::new();
+        let build = |name: &str| upstream_for(&config, name, &metrics);
+        Self::with_upstreams(config.clone(), spool, metrics.clone(), build)
+    }
+
+    /// As [`Forwarder::new`], with each account's upstream from `upstream` (tests script them).
+    fn with_upstreams(
+        config: Arc<Config>,
+        spool: Arc<Spool>,
+        metrics: Arc<Metrics>,
+        upstream: impl Fn(&str) -> Result<Arc<dyn Upstream>, ForwarderError>,
+    ) -> Result<Forwarder, ForwarderError> {
+        let mut lanes = HashMap::new();
         let status = Arc::new(Status::default());
         for a in &config.accounts {
-            let upstream = upstream_for(&config, &a.name, &metrics)?;
-            accounts.insert(
-                a.name.clone(),
-                Account {
-                    upstream,
-                    slots: Arc::new(Semaphore::new(a.max_connections.saturating_mul(2))),
-                    connections: Arc::new(Semaphore::new(a.max_connections)),
-                    block_epoch: Arc::new(AtomicU64::new(0)),
-                    applied_epoch: 0,
-                    waiting: VecDeque::new(),
-                    blocked_until: None,
-                    paused: false,
-                    probing: false,
-                    held_by_admin: false,
-                },
-            );
-            status.set(&a.name, AccountState::Active, None);
+            let upstream = upstream(&a.name)?;
+            let lane = Lane {
+                upstream,
+                slots: Arc::new(Semaphore::new(a.max_connections.saturating_mul(2))),
+                connections: Arc::new(Semaphore::new(a.max_connections)),
+                signals: Arc::new(AtomicU64::new(0)),
+                applied: 0,
+                state: account::Account::default(),
+            };
+            status.set_account(&a.name, &lane.state);
             metrics
                 .account_paused
                 .get_or_create(&Metrics::account(&a.name))
                 .set(0);
+            lanes.insert(a.name.clone(), lane);
         }
         let (control_tx, control_rx) = mpsc::channel(64);
         Ok(Forwarder {
             config,
             spool,
-            accounts,
+            lanes,
             status,
             metrics,
             control_tx,
             control_rx,
-            schedule: BTreeSet::new(),
-            scheduled: HashMap::new(),
-            in_flight: HashSet::new(),
+            schedule: Schedule::default(),
             fresh: HashMap::new(),
         })
     }
@@ -233,28 +265,48 @@ impl Forwarder {
         }
     }
 
-    fn schedule_at(&mut self, id: String, account: String, at: DateTime<Utc>) {
-        if let Some((old_at, old_account)) =
-            self.scheduled.insert(id.clone(), (at, account.clone()))
-        {
-            self.schedule.remove(&(old_at, id.clone(), old_account));
-        }
-        self.schedule.insert((at, id, account));
-    }
-
-    /// Forgets a message: not scheduled, not waiting (for administrators' commands; O(queue)).
-    fn unschedule(&mut self, id: &str) {
-        if let Some((at, account)) = self.scheduled.remove(id) {
-            self.schedule.remove(&(at, id.to_string(), account));
-        }
-        for a in self.accounts.values_mut() {
-            a.waiting.retain(|w| w != id);
-        }
-    }
-
     /// Shared view of every account's state.
     pub fn status(&self) -> Arc<Status> {
         self.status.clone()
+    }
+
+    /// Feeds `event` to an account's state machine and publishes the result: the status the
+    /// HTTP side reads and the paused gauge come from here and nowhere else. Returns the states
+    /// before and after, for the caller's logs.
+    fn apply(&mut self, name: &str, event: &Event) -> Option<(account::Account, account::Account)> {
+        let lane = self.lanes.get_mut(name)?;
+        let before = lane.state.clone();
+        let after = account::on_event(
+            &before,
+            event,
+            Instant::now(),
+            self.config.queue.probe_interval,
+        );
+        if after != before {
+            lane.state = after.clone();
+            self.status.set_account(name, &after);
+            self.metrics
+                .account_paused
+                .get_or_create(&Metrics::account(name))
+                .set(i64::from(after.paused()));
+        }
+        Some((before, after))
+    }
+
+    /// When the run loop must look again without an event: the next scheduled message, or the
+    /// end of a block of an account that has messages waiting.
+    fn next_wake(&self, now: Instant) -> Instant {
+        let blocks = self
+            .lanes
+            .iter()
+            .filter_map(|(name, lane)| match lane.state.admits(now) {
+                Admit::Nothing { until } if self.schedule.has_waiting(name) => until,
+                _ => None,
+            });
+        blocks
+            .chain(self.schedule.next_due())
+            .min()
+            .unwrap_or(now + Duration::from_secs(3600))
     }
 
     /// Runs until `shutdown`; attempts in progress are tracked by `tracker` and finish on their own.
@@ -270,40 +322,17 @@ impl Forwarder {
         };
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         for m in recovered {
-            let due = m.next_attempt_at.unwrap_or(m.received_at);
-            self.schedule_at(m.id, m.account, due);
+            let due = instant_of(m.next_attempt_at.unwrap_or(m.received_at));
+            let _ = self.schedule.schedule(&m.id, &m.account, due);
         }
         let mut prune = tokio::time::interval(Duration::from_secs(3600));
         loop {
-            let now = Utc::now();
-            while self.schedule.first().is_some_and(|f| f.0 <= now) {
-                let Some((_, id, account)) = self.schedule.pop_first() else {
-                    break;
-                };
-                self.scheduled.remove(&id);
-                let name = if self.accounts.contains_key(&account) {
-                    account
-                } else {
-                    warn!(queue_id = %id, %account, "message belongs to an account that is no longer configured; using the default account");
-                    self.config.accounts[0].name.clone()
-                };
-                if let Some(a) = self.accounts.get_mut(&name) {
-                    a.waiting.push_back(id);
-                }
-            }
+            let (lanes, default) = (&self.lanes, &self.config.accounts[0].name);
+            self.schedule.release_due(Instant::now(), |id, account| {
+                lane_for(lanes, default, id, account)
+            });
             self.dispatch(&done_tx, &tracker);
-
-            let mut wake = self.schedule.first().map(|f| f.0);
-            for a in self.accounts.values() {
-                if let Some(until) = a.blocked_until
-                    && !a.waiting.is_empty()
-                {
-                    wake = Some(wake.map_or(until, |w| w.min(until)));
-                }
-            }
-            let sleep = wake
-                .map(|t| (t - Utc::now()).to_std().unwrap_or_default())
-                .unwrap_or(Duration::from_secs(3600));
+            let wake = self.next_wake(Instant::now());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 Some(meta) = committed.recv() => {
@@ -312,14 +341,11 @@ impl Forwarder {
                     if self.fresh.len() < FRESH_MAX {
                         self.fresh.insert(id.clone(), meta);
                     }
-                    self.schedule_at(id, account, Utc::now());
+                    let _ = self.schedule.schedule(&id, &account, Instant::now());
                 }
                 Some(done) = done_rx.recv() => {
-                    self.in_flight.remove(&done.id);
+                    self.schedule.finished(&done.id, &done.account, done.retry_at);
                     self.finished(&done);
-                    if let Some(at) = done.retry_at {
-                        self.schedule_at(done.id, done.account, at);
-                    }
                 }
                 Some((cmd, reply)) = self.control_rx.recv() => {
                     let result = self.command(cmd).await;
@@ -330,7 +356,7 @@ impl Forwarder {
                     let keep = self.config.queue.keep_deleted;
                     let _ = tokio::task::spawn_blocking(move || spool.prune_deleted(keep)).await;
                 }
-                _ = tokio::time::sleep(sleep) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
         }
     }
@@ -346,65 +372,43 @@ impl Forwarder {
         if let Command::Retry(id) | Command::Hold(id) | Command::Release(id) | Command::Delete(id) =
             &cmd
         {
+            if self.schedule.place(id) == Some(Place::InFlight) {
+                return Err(busy());
+            }
             // The meta on disk is the truth from here on.
             self.fresh.remove(id);
         }
         match cmd {
             Command::PauseAccount(name) | Command::ResumeAccount(name)
-                if !self.accounts.contains_key(&name) =>
+                if !self.lanes.contains_key(&name) =>
             {
                 let _ = name;
                 Err(ControlError::NotFound)
             }
             Command::PauseAccount(name) => {
-                if let Some(a) = self.accounts.get_mut(&name) {
-                    a.held_by_admin = true;
-                }
-                let advice = crate::advice::Advice::new(
-                    "Paused by an administrator.",
-                    "Resume the account when ready.",
-                );
-                self.status.set(
-                    &name,
-                    AccountState::Paused {
-                        next_probe: Utc::now(),
-                        advice,
-                    },
-                    None,
-                );
-                self.metrics
-                    .account_paused
-                    .get_or_create(&Metrics::account(&name))
-                    .set(1);
+                self.apply(&name, &Event::AdminPause);
                 info!(account = %name, "account paused by an administrator");
                 Ok(format!("account {name} paused"))
             }
             Command::ResumeAccount(name) => {
-                if let Some(a) = self.accounts.get_mut(&name) {
-                    a.held_by_admin = false;
-                    a.paused = false;
-                    a.probing = false;
-                    a.blocked_until = None;
-                }
-                self.status.set(&name, AccountState::Active, None);
-                self.metrics
-                    .account_paused
-                    .get_or_create(&Metrics::account(&name))
-                    .set(0);
-                info!(account = %name, "account resumed by an administrator");
+                self.apply(&name, &Event::AdminResume);
+                info!(account = %name, "account resumed by an administrator; trying now");
                 Ok(format!("account {name} resumed"))
-            }
-            Command::Retry(id) | Command::Hold(id) | Command::Release(id) | Command::Delete(id)
-                if self.in_flight.contains(&id) =>
-            {
-                let _ = id;
-                Err(busy())
             }
             Command::Retry(id) => match self.spool.locate(&id) {
                 Some(Area::Queue) => {
                     let m = self.spool.load(&id).map_err(io)?;
-                    self.schedule_at(id.clone(), m.account, Utc::now());
-                    Ok(format!("{id} will be tried now"))
+                    // Moves the message if it is scheduled or waiting; never a second copy.
+                    self.schedule
+                        .schedule(&id, &m.account, Instant::now())
+                        .map_err(|_| busy())?;
+                    Ok(match self.lanes.get(&m.account).map(|l| &l.state.state) {
+                        Some(account::State::Active) | None => format!("{id} will be tried now"),
+                        Some(blocked) => format!(
+                            "{id} will be tried now; its account is {}, so it goes first when the account allows",
+                            account::describe(blocked)
+                        ),
+                    })
                 }
                 Some(from @ (Area::Failed | Area::Deleted)) => {
                     let mut m = self.spool.load_in(from, &id).map_err(io)?;
@@ -426,7 +430,9 @@ impl Forwarder {
                         .move_message(&id, from, Area::Queue, Some(&m))
                         .map_err(io)?;
                     info!(queue_id = %id, from = from.name(), "message sent back to the queue by an administrator");
-                    self.schedule_at(id.clone(), m.account, Utc::now());
+                    self.schedule
+                        .schedule(&id, &m.account, Instant::now())
+                        .map_err(|_| busy())?;
                     Ok(format!("{id} is back in the queue"))
                 }
                 Some(Area::Hold) => Err(ControlError::Conflict(
@@ -436,10 +442,10 @@ impl Forwarder {
             },
             Command::Hold(id) => match self.spool.locate(&id) {
                 Some(Area::Queue) => {
-                    self.unschedule(&id);
                     self.spool
                         .move_message(&id, Area::Queue, Area::Hold, None)
                         .map_err(io)?;
+                    self.schedule.forget(&id).map_err(|_| busy())?;
                     info!(queue_id = %id, "message put on hold by an administrator");
                     Ok(format!("{id} is on hold"))
                 }
@@ -455,7 +461,9 @@ impl Forwarder {
                         .move_message(&id, Area::Hold, Area::Queue, None)
                         .map_err(io)?;
                     info!(queue_id = %id, "message released by an administrator");
-                    self.schedule_at(id.clone(), m.account, Utc::now());
+                    self.schedule
+                        .schedule(&id, &m.account, Instant::now())
+                        .map_err(|_| busy())?;
                     Ok(format!("{id} released"))
                 }
                 Some(_) => Err(ControlError::Conflict("the message is not on hold".into())),
@@ -464,10 +472,10 @@ impl Forwarder {
             Command::Delete(id) => match self.spool.locate(&id) {
                 Some(Area::Deleted) => Err(ControlError::Conflict("already deleted".into())),
                 Some(from) => {
-                    self.unschedule(&id);
                     self.spool
                         .move_message(&id, from, Area::Deleted, None)
                         .map_err(io)?;
+                    self.schedule.forget(&id).map_err(|_| busy())?;
                     info!(queue_id = %id, from = from.name(), "message deleted by an administrator (kept in deleted/ until pruned)");
                     Ok(format!(
                         "{id} deleted (recoverable from deleted/ until pruned)"
@@ -478,151 +486,108 @@ impl Forwarder {
         }
     }
 
-    /// Applies what an attempt learnt about its account.
+    /// Applies what an attempt learnt about its account, and says so in the logs.
     fn finished(&mut self, done: &Done) {
         if done.stood_down {
+            self.apply(&done.account, &Event::NotSent { epoch: done.epoch });
             return;
         }
-        let probe = self.config.queue.probe_interval;
-        let Some(a) = self.accounts.get_mut(&done.account) else {
+        let Some(lane) = self.lanes.get_mut(&done.account) else {
             return;
         };
         if done.signal.is_some() {
-            a.applied_epoch = a.block_epoch.load(Ordering::SeqCst);
+            lane.applied = lane.signals.load(Ordering::SeqCst);
         }
-        a.probing = false;
-        let now = Utc::now();
-        let chrono_dur =
-            |d: Duration| chrono::Duration::from_std(d).unwrap_or(chrono::Duration::seconds(60));
+        let name = done.account.as_str();
         match &done.signal {
-            Some(AccountSignal::Throttled { wait, reason }) => {
-                let until = now + chrono_dur(*wait);
-                if a.blocked_until.is_none_or(|u| u < until) {
-                    a.blocked_until = Some(until);
-                }
-                warn!(account = %done.account, %reason, until = %until, "Exchange throttled the account; slowing down (not counted as a failure)");
+            Some(AccountSignal::Throttled { reason, wait }) => {
+                warn!(account = %name, %reason, wait = ?wait, "Exchange throttled the account; slowing down (not counted as a failure)");
                 self.metrics
                     .throttled
-                    .get_or_create(&Metrics::account(&done.account))
+                    .get_or_create(&Metrics::account(name))
                     .inc();
-                self.status.set(
-                    &done.account,
-                    AccountState::Throttled {
-                        until,
-                        reason: reason.clone(),
-                    },
-                    None,
-                );
+            }
+            Some(AccountSignal::QuotaHold { reason, wait }) => {
+                warn!(account = %name, %reason, wait = ?wait, "daily recipient quota reached; account held");
             }
             Some(AccountSignal::Paused(advice)) => {
-                let next = now + chrono_dur(probe);
-                a.blocked_until = Some(next);
-                if !a.paused {
-                    error!(account = %done.account, cause = %advice.cause, fix = %advice.fix, "account paused: mail stays queued until this is fixed");
-                    self.status
-                        .event("paused", &done.id, &done.account, &advice.to_string());
-                }
-                self.metrics
-                    .account_paused
-                    .get_or_create(&Metrics::account(&done.account))
-                    .set(1);
-                a.paused = true;
-                self.status.set(
-                    &done.account,
-                    AccountState::Paused {
-                        next_probe: next,
-                        advice: advice.clone(),
-                    },
-                    Some(advice.to_string()),
-                );
+                self.status.set_error(name, advice.to_string());
             }
-            Some(AccountSignal::QuotaHold { wait, reason }) => {
-                let until = now + chrono_dur(*wait);
-                a.blocked_until = Some(until);
-                warn!(account = %done.account, %reason, until = %until, "daily recipient quota reached; account held");
-                self.status.set(
-                    &done.account,
-                    AccountState::Held {
-                        until,
-                        reason: reason.clone(),
-                    },
-                    None,
-                );
+            None if done.delivered > 0 => self.status.delivered(name),
+            None => {}
+        }
+        let event = Event::Finished {
+            epoch: done.epoch,
+            signal: done.signal.clone(),
+        };
+        let Some((before, after)) = self.apply(name, &event) else {
+            return;
+        };
+        use account::State;
+        match (&before.state, &after.state) {
+            (State::Paused { .. }, State::Paused { .. }) => {}
+            (_, State::Paused { advice, .. }) => {
+                error!(account = %name, cause = %advice.cause, fix = %advice.fix, "account paused: mail stays queued until this is fixed");
+                self.status
+                    .event("paused", &done.id, name, &advice.to_string());
             }
-            None => {
-                if a.paused || a.blocked_until.is_some_and(|u| u <= now) {
-                    if a.paused {
-                        info!(account = %done.account, "account works again; resuming delivery");
-                        self.status.event(
-                            "resumed",
-                            &done.id,
-                            &done.account,
-                            "account works again",
-                        );
-                    }
-                    self.metrics
-                        .account_paused
-                        .get_or_create(&Metrics::account(&done.account))
-                        .set(0);
-                    a.paused = false;
-                    a.blocked_until = None;
-                    self.status.set(&done.account, AccountState::Active, None);
-                }
-                if done.delivered > 0 {
-                    self.status.delivered(&done.account);
-                }
+            (State::Paused { .. }, State::Active) => {
+                info!(account = %name, "account works again; resuming delivery");
+                self.status
+                    .event("resumed", &done.id, name, "account works again");
             }
+            _ => {}
         }
     }
 
-    /// Starts waiting messages while their account has free slots and is usable.
+    /// Starts attempts for waiting messages while their account admits them and has free slots.
+    /// This is the only place attempts are created.
     fn dispatch(&mut self, done_tx: &mpsc::UnboundedSender<Done>, tracker: &TaskTracker) {
-        let now = Utc::now();
-        for (name, account) in self.accounts.iter_mut() {
-            let mut limit = usize::MAX;
-            if account.held_by_admin
-                || account.block_epoch.load(Ordering::SeqCst) != account.applied_epoch
-            {
+        let names: Vec<String> = self.lanes.keys().cloned().collect();
+        for name in names {
+            // A throttle or hold whose time is over ends here.
+            self.apply(&name, &Event::Tick);
+            if !self.schedule.has_waiting(&name) {
                 continue;
             }
-            if let Some(until) = account.blocked_until {
-                if until > now || account.probing {
-                    continue;
-                }
-                // The block is over: a paused account sends one probe; a throttled one resumes.
-                if account.paused {
-                    limit = 1;
-                    account.probing = true;
-                    info!(account = %name, "probing a paused account with one message");
-                } else {
-                    account.blocked_until = None;
-                    self.status.set(name, AccountState::Active, None);
-                }
+            let Some(lane) = self.lanes.get(&name) else {
+                continue;
+            };
+            if lane.signals.load(Ordering::SeqCst) != lane.applied {
+                continue;
             }
-            while limit > 0 && !account.waiting.is_empty() {
-                let Ok(permit) = account.slots.clone().try_acquire_owned() else {
+            let probe = match lane.state.admits(Instant::now()) {
+                Admit::Any => false,
+                Admit::Probe => true,
+                Admit::Nothing { .. } => continue,
+            };
+            while let Some(lane) = self.lanes.get(&name) {
+                let Ok(permit) = lane.slots.clone().try_acquire_owned() else {
                     break;
                 };
-                let Some(id) = account.waiting.pop_front() else {
+                let Some(id) = self.schedule.start_next(&name) else {
                     break;
                 };
-                let fresh = self.fresh.remove(&id);
-                limit -= 1;
-                self.in_flight.insert(id.clone());
                 let gate = Gate {
-                    connections: account.connections.clone(),
-                    epoch: account.block_epoch.load(Ordering::SeqCst),
-                    block_epoch: account.block_epoch.clone(),
+                    connections: lane.connections.clone(),
+                    seen: lane.signals.load(Ordering::SeqCst),
+                    signals: lane.signals.clone(),
+                    epoch: lane.state.epoch,
                 };
-                let (spool, upstream, config, done_tx, name, metrics, status) = (
+                let upstream = lane.upstream.clone();
+                let fresh = self.fresh.remove(&id);
+                let (spool, config, done_tx, name, metrics, status) = (
                     self.spool.clone(),
-                    account.upstream.clone(),
                     self.config.clone(),
                     done_tx.clone(),
                     name.clone(),
                     self.metrics.clone(),
                     self.status.clone(),
                 );
+                if probe {
+                    info!(account = %name, queue_id = %id, "probing a paused account with one message");
+                    self.apply(&name, &Event::ProbeSent);
+                }
                 tracker.spawn(async move {
                     let ctx = AttemptCtx {
                         spool: &spool,
@@ -634,12 +599,14 @@ impl Forwarder {
                     drop(permit);
                     let _ = done_tx.send(done);
                 });
+                if probe {
+                    break;
+                }
             }
         }
     }
 }
 
-/// One delivery attempt of one message.
 /// What an attempt needs besides the message.
 struct AttemptCtx<'a> {
     spool: &'a Arc<Spool>,
@@ -651,9 +618,12 @@ struct AttemptCtx<'a> {
 /// An attempt's way to its account's upstream.
 struct Gate {
     connections: Arc<Semaphore>,
-    /// The account's block epoch when the attempt was dispatched.
+    /// The account's signal count when the attempt was dispatched.
+    seen: u64,
+    signals: Arc<AtomicU64>,
+    /// The account's state-machine epoch when the attempt was dispatched; the attempt reports
+    /// it, so a result from before a block is recognised as stale.
     epoch: u64,
-    block_epoch: Arc<AtomicU64>,
 }
 
 impl Gate {
@@ -664,17 +634,18 @@ impl Gate {
         job: &Job<'_>,
     ) -> Option<crate::upstream::Attempt> {
         let _connection = self.connections.acquire().await;
-        if self.block_epoch.load(Ordering::SeqCst) != self.epoch {
+        if self.signals.load(Ordering::SeqCst) != self.seen {
             return None;
         }
         let result = upstream.deliver(job).await;
         if result.signal.is_some() {
-            self.block_epoch.fetch_add(1, Ordering::SeqCst);
+            self.signals.fetch_add(1, Ordering::SeqCst);
         }
         Some(result)
     }
 }
 
+/// One delivery attempt of one message.
 async fn attempt(
     ctx: &AttemptCtx<'_>,
     upstream: &dyn Upstream,
@@ -687,12 +658,13 @@ async fn attempt(
     let gone = |signal| Done {
         id: id.to_string(),
         account: account.to_string(),
+        epoch: gate.epoch,
         retry_at: None,
         signal,
         delivered: 0,
-        stood_down: false,
+        stood_down: true,
     };
-    let mut meta = if let Some(m) = fresh {
+    let meta = if let Some(m) = fresh {
         m
     } else {
         let (spool, owned_id) = (spool.clone(), id.to_string());
@@ -722,7 +694,7 @@ async fn attempt(
                 // Back to the queue untouched; the account's gate decides when it goes.
                 tracing::debug!(queue_id = %id, %account, "account blocked while this message waited for a connection; back to the queue");
                 return Done {
-                    retry_at: Some(Utc::now()),
+                    retry_at: Some(Instant::now()),
                     stood_down: true,
                     ..gone(None)
                 };
@@ -730,167 +702,108 @@ async fn attempt(
         }
     };
     let recipients = job.recipients;
-
-    let (mut delivered, mut deferred, mut failed, mut skipped) = (0, 0, 0, 0);
-    let mut last_problem = None;
-    let missing = Outcome::Temporary("upstream gave no result for this recipient".into());
-    for (addr, outcome) in recipients
-        .iter()
-        .zip(result.outcomes.iter().chain(std::iter::repeat(&missing)))
-    {
-        let Some(r) = meta
-            .recipients
-            .iter_mut()
-            .find(|r| &r.address == addr && r.status == RecipientStatus::Pending)
-        else {
-            continue;
-        };
-        match outcome {
-            Outcome::Delivered(reply) => {
-                r.attempts += 1;
-                r.status = RecipientStatus::Delivered;
-                r.last_reply = Some(reply.clone());
-                delivered += 1;
-            }
-            Outcome::Temporary(reply) => {
-                r.attempts += 1;
-                r.last_reply = Some(reply.clone());
-                last_problem = Some(reply.clone());
-                deferred += 1;
-            }
-            Outcome::Permanent(reply) => {
-                r.attempts += 1;
-                r.status = RecipientStatus::Failed;
-                r.last_reply = Some(reply.clone());
-                last_problem = Some(reply.clone());
-                failed += 1;
-                warn!(queue_id = %id, recipient = %addr, reply = %reply, "recipient failed permanently");
-            }
-            Outcome::NotAttempted(reason) => {
-                r.last_reply = Some(format!("waiting: {reason}"));
-                skipped += 1;
-            }
-        }
-    }
-    if delivered + deferred + failed > 0 {
-        meta.attempts += 1;
-    }
     let now = Utc::now();
-    let age = (now - meta.requeued_at.unwrap_or(meta.received_at))
-        .to_std()
-        .unwrap_or_default();
-    let mut expired = false;
-    if deferred + skipped > 0 && age >= config.queue.max_age {
-        expired = true;
-        for r in meta
-            .recipients
-            .iter_mut()
-            .filter(|r| r.status == RecipientStatus::Pending)
-        {
-            r.status = RecipientStatus::Failed;
-            let last = r.last_reply.take().unwrap_or_default();
-            r.last_reply = Some(format!(
-                "gave up after {} in the queue (max_age); last error: {last}",
-                humantime::format_duration(config.queue.max_age)
-            ));
-        }
-    }
-    let pending_left = meta.pending().count();
-    let any_failed = meta
-        .recipients
-        .iter()
-        .any(|r| r.status == RecipientStatus::Failed);
-
-    let retry_at = if pending_left == 0 {
-        None
-    } else if deferred == 0 && skipped > 0 {
-        // Only held back by the account's state: the account gate decides when.
-        Some(now + chrono::Duration::seconds(1))
-    } else {
-        Some(
-            now + backoff::delay(
-                config.queue.retry_initial,
-                config.queue.retry_max,
-                meta.attempts.max(1),
-            ),
-        )
+    let backoff =
+        |attempts| backoff::delay(config.queue.retry_initial, config.queue.retry_max, attempts);
+    let policy = settle::Policy {
+        max_age: config.queue.max_age,
+        backoff: &backoff,
     };
-    meta.next_attempt_at = retry_at;
-    info!(queue_id = %id, account = %account, attempt = meta.attempts, delivered, deferred, failed, not_attempted = skipped,
-          expired, retry_at = ?retry_at, last_problem = ?last_problem, "delivery attempt");
+    let settled = settle::settle(meta, &recipients, &result.outcomes, now, &policy);
+    let retry_in = persist(ctx, &settled, account).await;
+    Done {
+        id: id.to_string(),
+        account: account.to_string(),
+        epoch: gate.epoch,
+        retry_at: retry_in.map(|d| Instant::now() + d),
+        signal: result.signal,
+        delivered: settled.delivered,
+        stood_down: false,
+    }
+}
 
-    let spool2 = spool.clone();
-    let meta2 = meta.clone();
+/// Acts on a settled attempt: writes the meta (or removes the message, or moves it to
+/// `failed/` with a DSN), logs, counts and reports. Returns when to try again; when the spool
+/// cannot be written, the meta on disk still says pending, so a later retry is safe.
+async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<Duration> {
+    let (spool, config, meta, id) = (ctx.spool, ctx.config, &s.meta, s.meta.id.as_str());
+    for (recipient, reply) in &s.refused {
+        warn!(queue_id = %id, %recipient, %reply, "recipient failed permanently");
+    }
+    let (retry_in, expired) = match s.disposition {
+        Disposition::Retry(d) => (Some(d), false),
+        Disposition::Failed { expired } => (None, expired),
+        Disposition::Delivered => (None, false),
+    };
+    info!(queue_id = %id, account = %account, attempt = meta.attempts, delivered = s.delivered, deferred = s.deferred,
+          failed = s.failed, not_attempted = s.skipped, expired, retry_at = ?meta.next_attempt_at,
+          last_problem = ?s.last_problem, "delivery attempt");
+
+    let (spool2, meta2, disposition) = (spool.clone(), meta.clone(), s.disposition);
     let result_io = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        if pending_left > 0 {
-            spool2.update(&meta2)
-        } else if any_failed {
-            spool2.fail(&meta2)
-        } else {
-            spool2.remove(&meta2.id)
+        match disposition {
+            Disposition::Retry(_) => spool2.update(&meta2),
+            Disposition::Failed { .. } => spool2.fail(&meta2),
+            Disposition::Delivered => spool2.remove(&meta2.id),
         }
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
-    let retry_at = match result_io {
-        Ok(()) => {
-            let label = Metrics::account(account);
-            if pending_left == 0 && any_failed {
-                warn!(queue_id = %id, "message moved to failed/");
-                let class = if expired { "expired" } else { "permanent" };
-                ctx.metrics
-                    .failed
-                    .get_or_create(&FailedLabels {
-                        account: account.to_string(),
-                        class: class.into(),
-                    })
-                    .inc();
-                ctx.status.event(
-                    "failed",
-                    id,
-                    account,
-                    last_problem.as_deref().unwrap_or(class),
-                );
-                send_dsn(spool, config, &meta).await;
-            } else if pending_left == 0 {
-                // Latency first: a scrape that sees the delivery also sees its latency.
-                let latency = (now - meta.received_at).to_std().unwrap_or_default();
-                ctx.metrics
-                    .delivery_latency
-                    .get_or_create(&label)
-                    .observe(latency.as_secs_f64());
-                ctx.metrics.delivered.get_or_create(&label).inc();
-                ctx.status.event(
-                    "delivered",
-                    id,
-                    account,
-                    &format!("{} recipient(s)", meta.recipients.len()),
-                );
-            } else if deferred > 0 {
-                ctx.metrics.deferred.get_or_create(&label).inc();
-                ctx.status.event(
-                    "deferred",
-                    id,
-                    account,
-                    last_problem.as_deref().unwrap_or(""),
-                );
-            }
-            retry_at
-        }
-        Err(e) => {
-            // The meta on disk still says pending: retrying later is safe (at worst a repeat).
-            error!(queue_id = %id, error = %e, "cannot update the spool after a delivery attempt; will retry");
-            Some(now + backoff::delay(config.queue.retry_initial, config.queue.retry_max, 1))
-        }
-    };
-    Done {
-        id: id.to_string(),
-        account: account.to_string(),
-        retry_at,
-        signal: result.signal,
-        delivered,
-        stood_down: false,
+    if let Err(e) = result_io {
+        error!(queue_id = %id, error = %e, "cannot update the spool after a delivery attempt; will retry");
+        return Some(backoff::delay(
+            config.queue.retry_initial,
+            config.queue.retry_max,
+            1,
+        ));
     }
+    let label = Metrics::account(account);
+    match s.disposition {
+        Disposition::Failed { expired } => {
+            warn!(queue_id = %id, "message moved to failed/");
+            let class = if expired { "expired" } else { "permanent" };
+            ctx.metrics
+                .failed
+                .get_or_create(&FailedLabels {
+                    account: account.to_string(),
+                    class: class.into(),
+                })
+                .inc();
+            ctx.status.event(
+                "failed",
+                id,
+                account,
+                s.last_problem.as_deref().unwrap_or(class),
+            );
+            send_dsn(spool, config, meta).await;
+        }
+        Disposition::Delivered => {
+            // Latency first: a scrape that sees the delivery also sees its latency.
+            let latency = (Utc::now() - meta.received_at).to_std().unwrap_or_default();
+            ctx.metrics
+                .delivery_latency
+                .get_or_create(&label)
+                .observe(latency.as_secs_f64());
+            ctx.metrics.delivered.get_or_create(&label).inc();
+            ctx.status.event(
+                "delivered",
+                id,
+                account,
+                &format!("{} recipient(s)", meta.recipients.len()),
+            );
+        }
+        Disposition::Retry(_) if s.deferred > 0 => {
+            ctx.metrics.deferred.get_or_create(&label).inc();
+            ctx.status.event(
+                "deferred",
+                id,
+                account,
+                s.last_problem.as_deref().unwrap_or(""),
+            );
+        }
+        Disposition::Retry(_) => {}
+    }
+    retry_in
 }
 
 /// Queues a delivery status notification for a failed message, unless it was itself a

@@ -1,5 +1,7 @@
 //! A shared, read-only view of each account's delivery state, for logs, `send-test` and the
-//! HTTP side.
+//! HTTP side. The forwarder stores each account's state machine ([`super::account::Account`])
+//! here after every transition; what readers get ([`AccountState`]) is derived from it when they
+//! ask, so the view cannot drift from the state the forwarder acts on.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -8,6 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::advice::Advice;
+
+use super::account::Account;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
@@ -51,24 +55,42 @@ pub struct Event {
 
 const EVENTS_KEPT: usize = 100;
 
+/// What the forwarder stores per account.
+#[derive(Debug, Default)]
+struct Stored {
+    account: Account,
+    last_success: Option<DateTime<Utc>>,
+    last_error: Option<String>,
+}
+
+impl Stored {
+    fn view(&self) -> AccountStatus {
+        AccountStatus {
+            state: self.account.view(tokio::time::Instant::now(), Utc::now()),
+            last_success: self.last_success,
+            last_error: self.last_error.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Status {
-    accounts: Mutex<HashMap<String, AccountStatus>>,
+    accounts: Mutex<HashMap<String, Stored>>,
     events: Mutex<std::collections::VecDeque<Event>>,
 }
 
 impl Status {
-    pub fn set(&self, account: &str, state: AccountState, error: Option<String>) {
+    /// Records an account's state (the forwarder calls it after every transition).
+    pub(crate) fn set_account(&self, name: &str, account: &Account) {
         if let Ok(mut m) = self.accounts.lock() {
-            let e = m.entry(account.to_string()).or_insert(AccountStatus {
-                state: AccountState::Active,
-                last_success: None,
-                last_error: None,
-            });
-            e.state = state;
-            if error.is_some() {
-                e.last_error = error;
-            }
+            m.entry(name.to_string()).or_default().account = account.clone();
+        }
+    }
+
+    /// Records the last problem the account reported (a pause's cause and fix).
+    pub(crate) fn set_error(&self, name: &str, error: String) {
+        if let Ok(mut m) = self.accounts.lock() {
+            m.entry(name.to_string()).or_default().last_error = Some(error);
         }
     }
 
@@ -104,14 +126,14 @@ impl Status {
     }
 
     pub fn get(&self, account: &str) -> Option<AccountStatus> {
-        self.accounts.lock().ok()?.get(account).cloned()
+        self.accounts.lock().ok()?.get(account).map(Stored::view)
     }
 
     pub fn all(&self) -> Vec<(String, AccountStatus)> {
         let mut v: Vec<_> = self
             .accounts
             .lock()
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.view())).collect())
             .unwrap_or_default();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
