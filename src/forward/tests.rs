@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use super::*;
+use crate::spool::Client;
 use crate::upstream::{Attempt, BoxFuture, Outcome};
 
 /// Replies with the scripted attempts in order (each after its delay), then delivers at once;
