@@ -17,6 +17,17 @@ pub struct AccountLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountStateLabels {
+    pub account: String,
+    /// `active`, `throttled`, `paused`, `held`, `paused_by_admin`, or `degraded` (beside the
+    /// others: the upstream has not been reachable for several attempts in a row).
+    pub state: String,
+}
+
+/// Every value of [`AccountStateLabels::state`] but `degraded`; exactly one of them is 1.
+pub const ACCOUNT_STATES: [&str; 5] = ["active", "throttled", "paused", "held", "paused_by_admin"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailedLabels {
     pub account: String,
     /// `permanent` (a 5xx for every remaining recipient) or `expired` (max_age reached).
@@ -47,6 +58,7 @@ pub struct Metrics {
     pub token_failures: Family<AccountLabel, Counter>,
     pub credential_expiry: Family<AccountLabel, Gauge>,
     pub account_paused: Family<AccountLabel, Gauge>,
+    pub account_state: Family<AccountStateLabels, Gauge>,
     pub throttled: Family<AccountLabel, Counter>,
 }
 
@@ -77,6 +89,7 @@ impl Metrics {
             token_failures: Family::default(),
             credential_expiry: Family::default(),
             account_paused: Family::default(),
+            account_state: Family::default(),
             throttled: Family::default(),
             registry: Registry::default(),
         };
@@ -162,6 +175,11 @@ impl Metrics {
             m.account_paused.clone(),
         );
         registry.register(
+            "account_state",
+            "1 for an account's current state (active, throttled, paused, held, paused_by_admin); state=\"degraded\" is 1 while its upstream has been unreachable for several attempts in a row",
+            m.account_state.clone(),
+        );
+        registry.register(
             "account_throttled",
             "Throttle replies from Exchange",
             m.throttled.clone(),
@@ -172,6 +190,24 @@ impl Metrics {
     pub fn account(name: &str) -> AccountLabel {
         AccountLabel {
             account: name.to_string(),
+        }
+    }
+
+    /// Sets `exorelay_account_state` for `account`: 1 for `state` (one of [`ACCOUNT_STATES`]),
+    /// 0 for the others, and `degraded` as given.
+    pub fn set_account_state(&self, account: &str, state: &str, degraded: bool) {
+        for s in ACCOUNT_STATES.iter().chain(["degraded"].iter()) {
+            let on = if *s == "degraded" {
+                degraded
+            } else {
+                *s == state
+            };
+            self.account_state
+                .get_or_create(&AccountStateLabels {
+                    account: account.to_string(),
+                    state: s.to_string(),
+                })
+                .set(i64::from(on));
         }
     }
 

@@ -1018,3 +1018,118 @@ async fn an_untrusted_server_certificate_pauses_with_tls_inspection_advice() {
     );
     assert!(fake.delivered().is_empty());
 }
+
+/// Exchange unreachable (connection refused) on every attempt: nothing is bounced, and after
+/// three attempts in a row the account is degraded on the API, /readyz, the metric and the status
+/// page; once Exchange answers again, the mail goes out and the mark is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_exchange_marks_the_account_degraded_then_recovers() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    // A port nothing listens on, until we forward it to the fake.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let cfg = relay_config(
+        &account(&fake, &c, "secret", "").replace(
+            &format!("smtp_port = {}", fake.smtp_addr.port()),
+            &format!("smtp_port = {port}"),
+        ),
+        "",
+    ) + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
+    let relay = TestRelay::start(&cfg).await;
+    let http = format!("http://{}", relay.http.unwrap());
+    let id = submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        b"Subject: t\r\n\r\nx\r\n",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let account = loop {
+        let v: serde_json::Value = reqwest::get(format!("{http}/api/v1/accounts"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["accounts"][0]["degraded"].is_string() {
+            break v["accounts"][0].clone();
+        }
+        assert!(Instant::now() < deadline, "never degraded: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        account["degraded"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect"),
+        "{account}"
+    );
+    assert_eq!(account["state"], "active", "degraded blocks nothing");
+    let ready = reqwest::get(format!("{http}/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert!(ready["reasons"].to_string().contains("degraded"), "{ready}");
+    let metrics = reqwest::get(format!("{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("exorelay_account_state{account=\"contoso\",state=\"degraded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("exorelay_account_state{account=\"contoso\",state=\"active\"} 1"),
+        "{metrics}"
+    );
+    let page = reqwest::get(format!("{http}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("not been reachable"), "status page");
+    // Still queued, still pending: nothing bounced.
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.path("spool/queue").join(format!("{id}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(meta["recipients"][0]["status"], "pending");
+
+    // Exchange comes back on that port: a forwarder from it to the fake.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let target = fake.smtp_addr;
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    wait_delivered(&fake, 1, 20).await;
+    let v: serde_json::Value = reqwest::get(format!("{http}/api/v1/accounts"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(v["accounts"][0]["degraded"].is_null(), "{v}");
+    let metrics = reqwest::get(format!("{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("exorelay_account_state{account=\"contoso\",state=\"degraded\"} 0"),
+        "{metrics}"
+    );
+}

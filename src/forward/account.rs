@@ -181,6 +181,17 @@ impl Account {
     }
 }
 
+/// The state's name in the `exorelay_account_state` metric.
+pub fn metric_name(state: &State) -> &'static str {
+    match state {
+        State::Active => "active",
+        State::Throttled { .. } => "throttled",
+        State::Paused { .. } => "paused",
+        State::Held { .. } => "held",
+        State::PausedByAdmin => "paused_by_admin",
+    }
+}
+
 /// The state in a few words, for replies to an administrator.
 pub fn describe(state: &State) -> &'static str {
     match state {

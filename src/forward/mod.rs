@@ -27,6 +27,7 @@
 pub mod account;
 pub mod backoff;
 pub mod dsn;
+pub mod health;
 pub mod schedule;
 pub mod settle;
 pub mod status;
@@ -71,6 +72,7 @@ struct Lane {
     /// is known to have happened but not yet how long it lasts, so nothing new is dispatched.
     applied: u64,
     state: account::Account,
+    health: health::Health,
 }
 
 /// An administrator's command, from the HTTP side.
@@ -156,6 +158,8 @@ struct Done {
     /// Never reached the upstream: its account was blocked while it waited for a connection, or
     /// its message could not be read. Says nothing about the account's state.
     stood_down: bool,
+    /// The upstream could not be reached (connect, TLS, token endpoint): the cause.
+    unreachable: Option<String>,
 }
 
 /// The account that sends a message naming `account`: itself, or the default account when it
@@ -237,12 +241,14 @@ impl Forwarder {
                 signals: Arc::new(AtomicU64::new(0)),
                 applied: 0,
                 state: account::Account::default(),
+                health: health::Health::default(),
             };
             status.set_account(&a.name, &lane.state);
             metrics
                 .account_paused
                 .get_or_create(&Metrics::account(&a.name))
                 .set(0);
+            metrics.set_account_state(&a.name, "active", false);
             lanes.insert(a.name.clone(), lane);
         }
         let (control_tx, control_rx) = mpsc::channel(64);
@@ -289,6 +295,11 @@ impl Forwarder {
                 .account_paused
                 .get_or_create(&Metrics::account(name))
                 .set(i64::from(after.paused()));
+            self.metrics.set_account_state(
+                name,
+                account::metric_name(&after.state),
+                lane.health.degraded.is_some(),
+            );
         }
         Some((before, after))
     }
@@ -499,6 +510,32 @@ impl Forwarder {
             lane.applied = lane.signals.load(Ordering::SeqCst);
         }
         let name = done.account.as_str();
+        let reach = match &done.unreachable {
+            Some(cause) => health::Reach::Unreachable(cause.clone()),
+            None => health::Reach::Reached,
+        };
+        let health = lane.health.after(&reach);
+        match (&lane.health.degraded, &health.degraded) {
+            (None, Some(cause)) => {
+                error!(account = %name, %cause, attempts = health.streak, "account degraded: Exchange has not been reachable for several attempts in a row; mail stays queued and is retried");
+                self.status.event("degraded", &done.id, name, cause);
+            }
+            (Some(_), None) => {
+                info!(account = %name, "account reaches its upstream again");
+                self.status
+                    .event("recovered", &done.id, name, "upstream reachable again");
+            }
+            _ => {}
+        }
+        if lane.health.degraded.is_some() != health.degraded.is_some() {
+            self.metrics.set_account_state(
+                name,
+                account::metric_name(&lane.state.state),
+                health.degraded.is_some(),
+            );
+        }
+        lane.health = health.clone();
+        self.status.set_health(name, &health);
         match &done.signal {
             Some(AccountSignal::Throttled { reason, wait }) => {
                 warn!(account = %name, %reason, wait = ?wait, "Exchange throttled the account; slowing down (not counted as a failure)");
@@ -663,6 +700,7 @@ async fn attempt(
         signal,
         delivered: 0,
         stood_down: true,
+        unreachable: None,
     };
     let meta = if let Some(m) = fresh {
         m
@@ -683,10 +721,7 @@ async fn attempt(
         recipients: meta.pending().map(|r| r.address.clone()).collect(),
     };
     let result = if job.recipients.is_empty() {
-        crate::upstream::Attempt {
-            outcomes: Vec::new(),
-            signal: None,
-        }
+        crate::upstream::Attempt::all(0, crate::upstream::Outcome::Delivered(String::new()))
     } else {
         match gate.deliver(upstream, &job).await {
             Some(r) => r,
@@ -719,6 +754,7 @@ async fn attempt(
         signal: result.signal,
         delivered: settled.delivered,
         stood_down: false,
+        unreachable: result.unreachable,
     }
 }
 

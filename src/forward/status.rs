@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::advice::Advice;
 
 use super::account::Account;
+use super::health::Health;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
@@ -38,6 +39,9 @@ pub enum AccountState {
 pub struct AccountStatus {
     #[serde(flatten)]
     pub state: AccountState,
+    /// The upstream has not been reachable for several attempts in a row: the last cause.
+    /// Delivery goes on being retried; this is for the administrator.
+    pub degraded: Option<String>,
     pub last_success: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
 }
@@ -46,7 +50,7 @@ pub struct AccountStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     pub time: DateTime<Utc>,
-    /// delivered | deferred | failed | paused | resumed
+    /// delivered | deferred | failed | paused | resumed | degraded | recovered
     pub kind: &'static str,
     pub queue_id: String,
     pub account: String,
@@ -59,6 +63,7 @@ const EVENTS_KEPT: usize = 100;
 #[derive(Debug, Default)]
 struct Stored {
     account: Account,
+    health: Health,
     last_success: Option<DateTime<Utc>>,
     last_error: Option<String>,
 }
@@ -67,6 +72,7 @@ impl Stored {
     fn view(&self) -> AccountStatus {
         AccountStatus {
             state: self.account.view(tokio::time::Instant::now(), Utc::now()),
+            degraded: self.health.degraded.clone(),
             last_success: self.last_success,
             last_error: self.last_error.clone(),
         }
@@ -84,6 +90,13 @@ impl Status {
     pub(crate) fn set_account(&self, name: &str, account: &Account) {
         if let Ok(mut m) = self.accounts.lock() {
             m.entry(name.to_string()).or_default().account = account.clone();
+        }
+    }
+
+    /// Records whether the account reaches its upstream (see [`super::health`]).
+    pub(crate) fn set_health(&self, name: &str, health: &Health) {
+        if let Ok(mut m) = self.accounts.lock() {
+            m.entry(name.to_string()).or_default().health = health.clone();
         }
     }
 

@@ -44,6 +44,7 @@ fn blocked(signal: AccountSignal) -> Attempt {
     Attempt {
         outcomes: vec![Outcome::NotAttempted("account blocked".into())],
         signal: Some(signal),
+        unreachable: None,
     }
 }
 

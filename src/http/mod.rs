@@ -130,11 +130,17 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
         .and_then(|r| r);
     let mut accounts = serde_json::Map::new();
     let mut accounts_ok = true;
+    let mut degraded = Vec::new();
     for (name, st) in state.status.all() {
         let ok = !matches!(st.state, crate::forward::AccountState::Paused { .. });
         accounts_ok &= ok;
+        if let Some(cause) = &st.degraded {
+            degraded.push(format!("account {name} is degraded: {cause}"));
+        }
         accounts.insert(name, serde_json::to_value(&st).unwrap_or_default());
     }
+    let none_paused = accounts_ok;
+    let accounts_ok = none_paused && degraded.is_empty();
     let ready = listeners && spool_ok.is_ok() && accounts_ok;
     let mut reasons = Vec::new();
     if !listeners {
@@ -143,9 +149,10 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
     if let Err(e) = &spool_ok {
         reasons.push(format!("spool is not writable: {e}"));
     }
-    if !accounts_ok {
+    if !none_paused {
         reasons.push("an account is paused; see accounts".to_string());
     }
+    reasons.extend(degraded);
     let body = serde_json::json!({ "ready": ready, "reasons": reasons, "listeners": listeners, "spool_writable": spool_ok.is_ok(), "accounts": accounts });
     let code = if ready {
         StatusCode::OK

@@ -176,14 +176,26 @@ pub async fn status_page(
     for a in account_views(&state) {
         let text = |k: &str| a[k].as_str().unwrap_or("").to_string();
         let name = text("name");
-        let st = a["state"].as_str().unwrap_or("active");
+        let degraded = a["degraded"].as_str();
+        let st = match (a["state"].as_str().unwrap_or("active"), degraded) {
+            ("active", Some(_)) => "degraded",
+            (s, _) => s,
+        };
         let class = match st {
             "active" => "ok",
             "paused" => "bad",
             _ => "warn",
         };
         let mut problem = Markup::new();
-        if let Some(adv) = a.get("advice") {
+        if let Some(cause) = degraded {
+            problem.put(
+                "{}<div class=\"fix\">{}</div>",
+                &[
+                    &format!("Exchange has not been reachable for several attempts in a row: {cause}"),
+                    &"Check this machine's Internet access, DNS, firewall and any proxy towards smtp.office365.com:587 and the Entra login host; mail stays queued and is retried.",
+                ],
+            );
+        } else if let Some(adv) = a.get("advice") {
             problem.put(
                 "{}<div class=\"fix\">{}</div>",
                 &[

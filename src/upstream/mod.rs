@@ -49,6 +49,9 @@ pub struct Attempt {
     /// One per `Job::recipients`, in order.
     pub outcomes: Vec<Outcome>,
     pub signal: Option<AccountSignal>,
+    /// The upstream was not reached at all (connect, TLS handshake or token endpoint failed):
+    /// the cause. Blocks nothing; in a row, it marks the account degraded.
+    pub unreachable: Option<String>,
 }
 
 impl Attempt {
@@ -56,6 +59,7 @@ impl Attempt {
         Attempt {
             outcomes: vec![outcome; n],
             signal: None,
+            unreachable: None,
         }
     }
 }

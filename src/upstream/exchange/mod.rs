@@ -90,6 +90,8 @@ enum Envelope {
 
 /// Why no usable connection could be had.
 enum ConnError {
+    /// Connect, TLS handshake or token endpoint failed: Exchange was not reached at all.
+    Unreachable(String),
     Temporary(String),
     Class(Class, String),
 }
@@ -214,12 +216,12 @@ impl Exchange {
         {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                return Err(ConnError::Temporary(format!(
+                return Err(ConnError::Unreachable(format!(
                     "cannot connect to {addr}: {e}"
                 )));
             }
             Err(_) => {
-                return Err(ConnError::Temporary(format!(
+                return Err(ConnError::Unreachable(format!(
                     "cannot connect to {addr}: {}",
                     timed_out("the connection")
                 )));
@@ -239,7 +241,7 @@ impl Exchange {
                 });
             }
             Err(_) => {
-                return Err(ConnError::Temporary(format!(
+                return Err(ConnError::Unreachable(format!(
                     "cannot connect to {addr}: {}",
                     timed_out("the connection")
                 )));
@@ -280,12 +282,12 @@ impl Exchange {
                 });
             }
             Ok(Err(e)) => {
-                return Err(ConnError::Temporary(format!(
+                return Err(ConnError::Unreachable(format!(
                     "STARTTLS with {addr} failed: {e}"
                 )));
             }
             Err(_) => {
-                return Err(ConnError::Temporary(format!(
+                return Err(ConnError::Unreachable(format!(
                     "STARTTLS with {addr}: {}",
                     timed_out("the handshake")
                 )));
@@ -315,7 +317,7 @@ impl Exchange {
         let token = match self.tokens.token().await {
             Ok(t) => t,
             Err(e) if e.config => return Err(ConnError::Class(Class::Config(e.advice), e.error)),
-            Err(e) => return Err(ConnError::Temporary(e.advice.cause)),
+            Err(e) => return Err(ConnError::Unreachable(e.advice.cause)),
         };
         let creds = Credentials::new(self.mailbox.clone(), token.secret().to_string());
         match tokio::time::timeout(COMMAND_TIMEOUT, conn.auth(&[Mechanism::Xoauth2], &creds)).await
@@ -375,12 +377,13 @@ impl Exchange {
         rcpts: &[String],
         message: &body::OutgoingBody,
         eight_bit: bool,
+        unreachable: &mut Option<String>,
     ) -> (Vec<Outcome>, Option<AccountSignal>, bool) {
         let n = rcpts.len();
         let mut retried = false;
         let (mut conn, mut token, mut pooled) = match self.connection().await {
             Ok(x) => x,
-            Err(e) => return self.conn_failure(e, n),
+            Err(e) => return self.conn_failure(e, n, unreachable),
         };
         let sender = if from.is_empty() {
             None
@@ -416,7 +419,7 @@ impl Exchange {
                     }
                     return r;
                 }
-                Err(e) => return self.conn_failure(e, n),
+                Err(e) => return self.conn_failure(e, n, unreachable),
             };
             return self
                 .send_body(conn, token, outcomes, None, message, true)
@@ -441,7 +444,7 @@ impl Exchange {
                             token = t;
                             pooled = false;
                         }
-                        Err(e) => return self.conn_failure(e, n),
+                        Err(e) => return self.conn_failure(e, n, unreachable),
                     }
                 }
                 Ok(Err(e)) => {
@@ -763,8 +766,19 @@ impl Exchange {
         (vec![o; n], s, false)
     }
 
-    fn conn_failure(&self, e: ConnError, n: usize) -> (Vec<Outcome>, Option<AccountSignal>, bool) {
+    /// Outcomes when no connection could be had; `unreachable` is set when Exchange was not
+    /// reached at all (the forwarder counts those towards "degraded").
+    fn conn_failure(
+        &self,
+        e: ConnError,
+        n: usize,
+        unreachable: &mut Option<String>,
+    ) -> (Vec<Outcome>, Option<AccountSignal>, bool) {
         match e {
+            ConnError::Unreachable(t) => {
+                *unreachable = Some(t.clone());
+                (vec![Outcome::Temporary(t); n], None, false)
+            }
             ConnError::Temporary(t) => (vec![Outcome::Temporary(t); n], None, false),
             ConnError::Class(class, text) => self.class_for_all(class, &text, n),
         }
@@ -809,6 +823,7 @@ impl Exchange {
         };
         let mut outcomes = Vec::with_capacity(n);
         let mut signal = None;
+        let mut unreachable = None;
         for group in job.recipients.chunks(self.max_recipients) {
             if signal.is_some() {
                 outcomes.extend(
@@ -834,7 +849,7 @@ impl Exchange {
                 }
             };
             let (group_outcomes, s, submitted) = self
-                .transaction(&from, group, &message, job.meta.eight_bit)
+                .transaction(&from, group, &message, job.meta.eight_bit, &mut unreachable)
                 .await;
             let accepted = group_outcomes
                 .iter()
@@ -859,7 +874,11 @@ impl Exchange {
         if let Some(s) = &signal {
             warn!(account = %self.account, queue_id = %job.meta.id, signal = ?s, "account-level condition from Exchange");
         }
-        Attempt { outcomes, signal }
+        Attempt {
+            outcomes,
+            signal,
+            unreachable,
+        }
     }
 }
 
@@ -916,7 +935,7 @@ impl ConnErrorPublic {
     /// (advice when it is a configuration problem, text)
     pub fn describe(&self) -> (Option<Advice>, String) {
         match &self.0 {
-            ConnError::Temporary(t) => (None, t.clone()),
+            ConnError::Temporary(t) | ConnError::Unreachable(t) => (None, t.clone()),
             ConnError::Class(Class::Config(a), t) => (Some(a.clone()), t.clone()),
             ConnError::Class(c, t) => (None, format!("{t} ({c:?})")),
         }
