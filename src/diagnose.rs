@@ -347,6 +347,7 @@ async fn send_test_in(
     let deadline = Instant::now() + timeout;
     let queued = cfg.queue.dir.join("queue").join(format!("{id}.json"));
     let failed = cfg.queue.dir.join("failed").join(format!("{id}.json"));
+    let held = cfg.queue.dir.join("hold").join(format!("{id}.json"));
     let outcome = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         if failed.exists() {
@@ -354,11 +355,24 @@ async fn send_test_in(
                 .ok()
                 .and_then(|b| Meta::decode(&b).ok());
             let reason = m
-                .and_then(|m| m.recipients[0].last_reply.clone())
+                .and_then(|m| m.recipients.first().and_then(|r| r.last_reply.clone()))
                 .unwrap_or_default();
             break Err((
                 format!("delivery to {to} failed permanently: {reason}"),
                 "check the recipient address and the account's permissions".to_string(),
+            ));
+        }
+        if held.exists() {
+            let reason = std::fs::read(&held)
+                .ok()
+                .and_then(|b| Meta::decode(&b).ok())
+                .and_then(|m| m.recipients.first().and_then(|r| r.last_reply.clone()))
+                .unwrap_or_default();
+            break Err((
+                format!(
+                    "Exchange refused the sender {from}; the relay would hold such a message: {reason}"
+                ),
+                "see the fix in the reason above".to_string(),
             ));
         }
         if !queued.exists() {
@@ -373,7 +387,7 @@ async fn send_test_in(
             let last = spool
                 .load(&id)
                 .ok()
-                .and_then(|m| m.recipients[0].last_reply.clone())
+                .and_then(|m| m.recipients.first().and_then(|r| r.last_reply.clone()))
                 .unwrap_or_else(|| "no attempt finished".into());
             break Err((
                 format!(

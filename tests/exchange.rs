@@ -398,37 +398,83 @@ async fn smtp_auth_disabled_pauses_the_account_until_fixed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn send_as_denied_pauses_with_advice_then_delivers() {
+async fn send_as_denied_holds_that_senders_message_and_the_rest_flows() {
     let fake = FakeExchange::start().await;
     let c = creds(&fake, SECRET);
-    let relay = TestRelay::start(&relay_config(
-        &account(&fake, &c, "secret", "rewrite_from = \"never\""),
-        "",
-    ))
+    let token_dir = tempfile::tempdir().unwrap();
+    let token_file = token_dir.path().join("admin.token");
+    std::fs::write(&token_file, "send-as-test-admin-token-0123456\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let relay = TestRelay::start(
+        &(relay_config(
+            &account(&fake, &c, "secret", "rewrite_from = \"never\""),
+            "",
+        ) + &format!(
+            "\n[http]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = \"{}\"\n",
+            token_file.display()
+        )),
+    )
     .await;
-    submit(
+    fake.state
+        .send_as
+        .lock()
+        .unwrap()
+        .insert("ups@contoso.com".into());
+    // One device's From: has no SendAs; another's has.
+    let held = submit(
         &relay,
         "scanner@contoso.com",
         &["boss@contoso.com"],
         b"From: scanner@contoso.com\r\nSubject: sendas\r\n\r\nx\r\n",
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !logs()
-        .lines()
-        .any(|l| l.contains("account paused") && l.contains("Add-RecipientPermission"))
-    {
-        assert!(Instant::now() < deadline, "no SendAs advice in the logs");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_exists(&relay.path("spool/hold").join(format!("{held}.json"))).await;
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(relay.path("spool/hold").join(format!("{held}.json"))).unwrap(),
+    )
+    .unwrap();
+    let reply = meta["recipients"][0]["last_reply"].as_str().unwrap();
+    assert!(
+        reply.contains("Add-RecipientPermission -Identity <sender address>"),
+        "{reply}"
+    );
+    assert_eq!(meta["recipients"][0]["status"], "pending");
+    submit(
+        &relay,
+        "ups@contoso.com",
+        &["boss@contoso.com"],
+        b"From: ups@contoso.com\r\nSubject: on battery\r\n\r\nx\r\n",
+    )
+    .await;
+    let got = wait_delivered(&fake, 1, 20).await;
+    assert_eq!(
+        got[0].mail_from, "ups@contoso.com",
+        "the other sender's mail flows"
+    );
+    let http = format!("http://{}", relay.http.unwrap());
+    let v: serde_json::Value = reqwest::get(format!("{http}/api/v1/accounts"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["accounts"][0]["state"], "active", "{v}");
+    // The administrator grants SendAs and releases the message.
     fake.state
         .send_as
         .lock()
         .unwrap()
         .insert("scanner@contoso.com".into());
-    let got = wait_delivered(&fake, 1, 20).await;
+    let r = reqwest::Client::new()
+        .post(format!("{http}/api/v1/queue/{held}/release"))
+        .bearer_auth("send-as-test-admin-token-0123456")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let got = wait_delivered(&fake, 2, 20).await;
     assert_eq!(
-        got[0].mail_from, "scanner@contoso.com",
+        got[1].mail_from, "scanner@contoso.com",
         "rewrite_from = never keeps the sender"
     );
     wait_spool_empty(&relay).await;

@@ -769,7 +769,7 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
     let (retry_in, expired) = match s.disposition {
         Disposition::Retry(d) => (Some(d), false),
         Disposition::Failed { expired } => (None, expired),
-        Disposition::Delivered => (None, false),
+        Disposition::Delivered | Disposition::Hold => (None, false),
     };
     info!(queue_id = %id, account = %account, attempt = meta.attempts, delivered = s.delivered, deferred = s.deferred,
           failed = s.failed, not_attempted = s.skipped, expired, retry_at = ?meta.next_attempt_at,
@@ -781,6 +781,9 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
             Disposition::Retry(_) => spool2.update(&meta2),
             Disposition::Failed { .. } => spool2.fail(&meta2),
             Disposition::Delivered => spool2.remove(&meta2.id),
+            Disposition::Hold => {
+                spool2.move_message(&meta2.id, Area::Queue, Area::Hold, Some(&meta2))
+            }
         }
     })
     .await
@@ -795,6 +798,12 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
     }
     let label = Metrics::account(account);
     match s.disposition {
+        Disposition::Hold => {
+            let why = s.last_problem.as_deref().unwrap_or("sender refused");
+            warn!(queue_id = %id, account = %account, sender = %meta.mail_from.escape_debug(), reason = %why,
+                  "message put on hold: Exchange refused its sender; the account keeps sending other mail; release it once fixed");
+            ctx.status.event("held", id, account, why);
+        }
         Disposition::Failed { expired } => {
             warn!(queue_id = %id, "message moved to failed/");
             let class = if expired { "expired" } else { "permanent" };

@@ -18,6 +18,9 @@ pub enum Disposition {
     Delivered,
     /// No recipient pending and at least one failed: moved to `failed/`, with a DSN.
     Failed { expired: bool },
+    /// Exchange refused the message's sender (SendAs): moved to `hold/` for the administrator,
+    /// recipients still pending, until released.
+    Hold,
 }
 
 /// The result of one attempt, and the meta as it must be persisted.
@@ -58,6 +61,7 @@ pub fn settle(
     let (mut delivered, mut deferred, mut failed, mut skipped) = (0, 0, 0, 0);
     let mut refused = Vec::new();
     let mut last_problem = None;
+    let mut sender_refused = false;
     let missing = Outcome::Temporary("upstream gave no result for this recipient".into());
     for (addr, outcome) in recipients
         .iter()
@@ -95,15 +99,21 @@ pub fn settle(
                 r.last_reply = Some(format!("waiting: {reason}"));
                 skipped += 1;
             }
+            Outcome::SenderRefused(reply) => {
+                r.attempts += 1;
+                r.last_reply = Some(reply.clone());
+                last_problem = Some(reply.clone());
+                sender_refused = true;
+            }
         }
     }
-    if delivered + deferred + failed > 0 {
+    if delivered + deferred + failed > 0 || sender_refused {
         meta.attempts += 1;
     }
     let age = (now - meta.requeued_at.unwrap_or(meta.received_at))
         .to_std()
         .unwrap_or_default();
-    let expired = deferred + skipped > 0 && age >= policy.max_age;
+    let expired = !sender_refused && deferred + skipped > 0 && age >= policy.max_age;
     if expired {
         for r in meta
             .recipients
@@ -122,7 +132,9 @@ pub fn settle(
         .recipients
         .iter()
         .any(|r| r.status == RecipientStatus::Failed);
-    let disposition = if meta.pending().count() > 0 {
+    let disposition = if sender_refused && meta.pending().count() > 0 {
+        Disposition::Hold
+    } else if meta.pending().count() > 0 {
         Disposition::Retry(if deferred == 0 && skipped > 0 {
             HELD_BACK
         } else {
@@ -228,6 +240,29 @@ mod tests {
         );
         assert_eq!(s2.disposition, Disposition::Failed { expired: false });
         assert_eq!(s2.meta.next_attempt_at, None);
+    }
+
+    #[test]
+    fn a_refused_sender_holds_the_message_with_its_recipients_pending() {
+        let backoff = |_: u32| Duration::from_secs(60);
+        let m = meta(&["a@x", "b@x"]);
+        let now = m.received_at + chrono::Duration::hours(2);
+        let s = settle(
+            m.clone(),
+            &pending(&m),
+            &[
+                Outcome::SenderRefused("554 5.2.252 SendAsDenied (fix: SendAs)".into()),
+                Outcome::SenderRefused("554 5.2.252 SendAsDenied (fix: SendAs)".into()),
+            ],
+            now,
+            &policy(&backoff),
+        );
+        // Not expired although older than max_age: it waits for the administrator.
+        assert_eq!(s.disposition, Disposition::Hold);
+        assert_eq!(pending(&s.meta), ["a@x", "b@x"]);
+        assert_eq!(s.meta.attempts, 1);
+        assert_eq!(s.meta.next_attempt_at, None);
+        assert!(s.last_problem.unwrap().contains("SendAsDenied"));
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub enum Outcome {
     Permanent(String),
     /// Not tried because of the account's state (throttled, paused); not counted.
     NotAttempted(String),
+    /// The message's sender may not be used (SendAs refused for a device's own From): the
+    /// message is held for the administrator with the advice; the account keeps sending others.
+    SenderRefused(String),
 }
 
 /// Something about the whole account, learnt during an attempt.

@@ -27,6 +27,9 @@ pub enum Class {
     TokenRefused(Advice),
     /// 10,000 recipients per 24 h reached: hold the account until the window frees.
     Quota,
+    /// The message's own sender was refused (SendAs, with `rewrite_from = "never"`): hold this
+    /// message with the advice; the account's other mail keeps flowing.
+    SenderDenied(Advice),
     /// This recipient or message will never be accepted; the advice, if any, goes with the
     /// failure into the log and the delivery status notification.
     Permanent(Option<Advice>),
@@ -57,6 +60,9 @@ pub enum Action {
     Pause,
     RefreshThenPause,
     Hold,
+    /// `rewrite_from = "always"`: pause (the mailbox itself may not send); `"never"`: hold
+    /// the message whose sender was refused.
+    PauseOrHoldSender,
     Bounce,
 }
 
@@ -70,6 +76,9 @@ impl Action {
                 "fetch a fresh token and log in once more; if refused again, **pause** the account"
             }
             Action::Hold => "hold the account until its 24-hour window frees",
+            Action::PauseOrHoldSender => {
+                "with `rewrite_from = \"never\"`: hold that message in `spool/hold/` with the advice (the device's From: needs SendAs), the account's other mail keeps flowing; with `\"always\"`: **pause** the account"
+            }
             Action::Bounce => {
                 "fail that recipient (delivery status notification; the message goes to `spool/failed/` once no recipient is pending)"
             }
@@ -311,7 +320,7 @@ pub static SIGNATURES: &[Signature] = &[
             any_text: &["sendasdenied", "5.7.60 ", "5.2.252"],
             phases: ANY,
         },
-        action: Action::Pause,
+        action: Action::PauseOrHoldSender,
         advice: |c, t| {
             let m = c.mailbox;
             let fix = match c.rewrite_from {
@@ -515,6 +524,10 @@ pub fn classify(phase: Phase, code: u16, text: &str, ctx: &Ctx<'_>) -> Class {
             Action::Pause => Class::Config(advice()),
             Action::RefreshThenPause => Class::TokenRefused(advice()),
             Action::Hold => Class::Quota,
+            Action::PauseOrHoldSender if ctx.rewrite_from == RewriteFrom::Never => {
+                Class::SenderDenied(advice())
+            }
+            Action::PauseOrHoldSender => Class::Config(advice()),
             Action::Bounce => Class::Permanent(Some(advice())),
         };
     }
@@ -618,7 +631,10 @@ mod tests {
 
     fn fix(class: Class) -> String {
         match class {
-            Class::Config(a) | Class::TokenRefused(a) | Class::Permanent(Some(a)) => a.fix,
+            Class::Config(a)
+            | Class::TokenRefused(a)
+            | Class::Permanent(Some(a))
+            | Class::SenderDenied(a) => a.fix,
             other => panic!("no advice: {other:?}"),
         }
     }
@@ -767,13 +783,16 @@ mod tests {
             !always.contains("set rewrite_from = \"always\""),
             "{always}"
         );
-        let never = fix(classify(
+        let never = classify(
             Phase::Transaction,
             550,
             "5.7.60 SMTP; Client does not have permissions to send as this sender",
             &ctx(RewriteFrom::Never),
-        ));
-        assert!(never.contains("set rewrite_from = \"always\""), "{never}");
+        );
+        let Class::SenderDenied(a) = never else {
+            panic!("{never:?}")
+        };
+        assert!(a.fix.contains("set rewrite_from = \"always\""), "{a:?}");
     }
 
     #[test]

@@ -746,6 +746,10 @@ impl Exchange {
                 Outcome::NotAttempted(text),
                 Some(AccountSignal::Paused(advice)),
             ),
+            Class::SenderDenied(advice) => (
+                Outcome::SenderRefused(format!("{text} ({} Fix: {})", advice.cause, advice.fix)),
+                None,
+            ),
             Class::Quota => (
                 Outcome::NotAttempted(text.clone()),
                 Some(AccountSignal::QuotaHold {
@@ -899,9 +903,10 @@ impl Exchange {
         let refused = |this: &Exchange, e: &lettre::transport::smtp::Error| {
             let (class, text) = this.classify_error(Phase::Transaction, e);
             match class {
-                Class::Config(a) | Class::TokenRefused(a) | Class::Permanent(Some(a)) => {
-                    (Some(a), text)
-                }
+                Class::Config(a)
+                | Class::TokenRefused(a)
+                | Class::Permanent(Some(a))
+                | Class::SenderDenied(a) => (Some(a), text),
                 _ => (None, text),
             }
         };
