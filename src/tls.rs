@@ -64,28 +64,27 @@ pub fn server_config_from_files(cert: &Path, key: &Path) -> Result<Arc<ServerCon
 
 /// If `e` (or anything in its source chain) is a TLS certificate failure, says what rustls
 /// objected to. lettre and reqwest report handshake failures as connection errors with the
-/// rustls error a few sources down, often inside an `io::Error`, whose `source()` skips it.
+/// rustls error a few levels down, often inside nested `io::Error`s, whose `source()` skips the
+/// error they wrap: so an `io::Error` is looked into with `get_ref()` instead.
 pub fn certificate_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-    fn as_cert_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
-        let r = e.downcast_ref::<rustls::Error>().or_else(|| {
-            e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        })?;
-        matches!(
-            r,
-            rustls::Error::InvalidCertificate(_)
-                | rustls::Error::NoCertificatesPresented
-                | rustls::Error::UnsupportedNameType
-        )
-        .then(|| r.to_string())
-    }
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if let Some(found) = as_cert_error(err) {
-            return Some(found);
+        if let Some(r) = err.downcast_ref::<rustls::Error>()
+            && matches!(
+                r,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::UnsupportedNameType
+            )
+        {
+            return Some(r.to_string());
         }
-        cur = err.source();
+        cur = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
     }
     None
 }

@@ -1179,3 +1179,160 @@ async fn an_unreachable_exchange_marks_the_account_degraded_then_recovers() {
         "{metrics}"
     );
 }
+
+/// Replies inside the transaction: account restrictions pause (the message stays queued, no
+/// DSN), a size refusal bounces with advice that names MaxSendSize; each reaches the accounts
+/// API or the DSN.
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_replies_take_their_table_action() {
+    let cases: [(&str, bool, &str, &str); 4] = [
+        (
+            "550 5.1.8 Access denied, bad outbound sender",
+            true,
+            "pause",
+            "Restricted entities",
+        ),
+        (
+            "554 5.2.0 STOREDRV.Submission.Exception:OutboundSpamException; Failed to process message due to a permanent exception",
+            false,
+            "pause",
+            "Restricted entities",
+        ),
+        (
+            "550 5.7.30 Basic authentication is not supported for Client Submission.",
+            true,
+            "pause",
+            "Basic authentication is retired",
+        ),
+        (
+            "552 5.3.4 Message size exceeds fixed maximum message size",
+            false,
+            "bounce",
+            "MaxSendSize",
+        ),
+    ];
+    for (reply, at_mail, action, advice) in cases {
+        let fake = FakeExchange::start().await;
+        let c = creds(&fake, SECRET);
+        if at_mail {
+            fake.faults().mail_once.push_back(reply.into());
+        } else {
+            fake.faults().data_end_once.push_back(reply.into());
+        }
+        let cfg = relay_config(&account(&fake, &c, "secret", ""), "")
+            + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
+        let relay = TestRelay::start(&cfg).await;
+        let http = format!("http://{}", relay.http.unwrap());
+        let id = submit(
+            &relay,
+            "scanner@printer.local",
+            &["boss@contoso.com"],
+            b"Subject: t\r\n\r\nx\r\n",
+        )
+        .await;
+        if action == "pause" {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let v: serde_json::Value = reqwest::get(format!("{http}/api/v1/accounts"))
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if v["accounts"][0]["state"] == "paused" {
+                    assert!(
+                        v["accounts"][0]["advice"].to_string().contains(advice),
+                        "{reply}: {v}"
+                    );
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{reply}: never paused: {v}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Not bounced: the probe delivers once the fault is gone (it was a one-off).
+            let got = wait_delivered(&fake, 1, 20).await;
+            assert_eq!(got.len(), 1, "{reply}: no DSN");
+        } else {
+            // Bounced: the DSN to the sender carries the advice.
+            let got = wait_delivered(&fake, 1, 20).await;
+            assert_eq!(got[0].rcpts, ["scanner@printer.local"], "{reply}");
+            let dsn = String::from_utf8_lossy(&got[0].data);
+            assert!(dsn.contains(advice), "{reply}: {dsn}");
+            assert!(
+                relay
+                    .path("spool/failed")
+                    .join(format!("{id}.json"))
+                    .exists()
+            );
+        }
+        wait_spool_empty(&relay).await;
+    }
+}
+
+/// The token endpoint behind a TLS-inspecting proxy: the certificate is not trusted, and the
+/// account pauses with advice naming TLS inspection (not retried as a network blip).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_untrusted_token_endpoint_certificate_pauses_with_tls_inspection_advice() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let other = tempfile::tempdir().unwrap();
+    let cert = make_cert(other.path());
+    let acceptor = {
+        use rustls::pki_types::pem::PemObject;
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&cert.cert_path)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&cert.key_path).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(cfg))
+    };
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = proxy.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = proxy.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let _ = acceptor.accept(tcp).await;
+            });
+        }
+    });
+    let cfg = relay_config(
+        &account(&fake, &c, "secret", "").replace(
+            &fake.authority(),
+            &format!("https://127.0.0.1:{proxy_port}"),
+        ),
+        "",
+    ) + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
+    let relay = TestRelay::start(&cfg).await;
+    submit(
+        &relay,
+        "scanner@printer.local",
+        &["boss@contoso.com"],
+        b"Subject: t\r\n\r\nx\r\n",
+    )
+    .await;
+    let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
+        if v["accounts"][0]["state"] == "paused" {
+            let text = v["accounts"][0]["advice"].to_string();
+            assert!(
+                text.contains("TLS inspection")
+                    && text.contains(&format!("127.0.0.1:{proxy_port}")),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never paused: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
