@@ -148,6 +148,9 @@ async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
             return;
         }
     }
+    if let (Some(cert), Some(key)) = (&a.certificate_file, &a.private_key_file) {
+        certificate_check(cert, key, a, r);
+    }
     let tokens = match TokenManager::new(a) {
         Ok(t) => Arc::new(t),
         Err(e) => {
@@ -233,6 +236,72 @@ async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
                 None => r.fail("SMTP", text, "check smtp_host/smtp_port and that this machine may reach port 587 on the Internet"),
             }
         }
+    }
+}
+
+/// The client certificate's validity period against this machine's clock: an expired one gives
+/// AADSTS1000502 at the next token request; one that expires within 30 days is flagged.
+fn certificate_check(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    a: &AccountConfig,
+    r: &mut Report,
+) {
+    let validity = crate::oauth::assertion::AssertionSigner::load(cert, key, a.assertion_algorithm)
+        .and_then(|s| s.validity());
+    let (not_before, not_after) = match validity {
+        Ok(v) => v,
+        Err(e) => {
+            return r.fail(
+                "certificate",
+                e,
+                "check certificate_file and private_key_file",
+            );
+        }
+    };
+    let now = chrono::Utc::now().timestamp();
+    let day = |t: i64| {
+        chrono::DateTime::from_timestamp(t, 0)
+            .map(|d| d.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_else(|| t.to_string())
+    };
+    let renew = format!(
+        "create a new certificate, upload it under App registrations > {} > Certificates & secrets > Certificates, and point certificate_file and private_key_file at it",
+        a.client_id.as_deref().unwrap_or("the app")
+    );
+    if now < not_before {
+        r.fail(
+            "certificate",
+            format!(
+                "{} is not valid before {} (is this machine's clock right?)",
+                cert.display(),
+                day(not_before)
+            ),
+            "check the clock (timedatectl) or the certificate",
+        );
+    } else if now > not_after {
+        r.fail(
+            "certificate",
+            format!(
+                "{} expired on {} (Entra answers AADSTS1000502)",
+                cert.display(),
+                day(not_after)
+            ),
+            renew,
+        );
+    } else if not_after - now < 30 * 86_400 {
+        r.fail(
+            "certificate",
+            format!(
+                "{} expires on {}, in {} days",
+                cert.display(),
+                day(not_after),
+                (not_after - now) / 86_400
+            ),
+            renew,
+        );
+    } else {
+        r.pass("certificate", format!("valid until {}", day(not_after)));
     }
 }
 

@@ -677,6 +677,14 @@ async fn doctor_explains_each_failure_and_passes_when_fixed() {
         "{out}"
     );
     assert!(fake.delivered().is_empty(), "doctor sent nothing");
+    // Certificate credentials: the certificate's validity is checked too.
+    let cert_cfg = write_config(&dir, &relay_config(&account(&fake, &good, "PS256", ""), ""));
+    let (ok, out) = run_bin(vec!["doctor".into(), "--config".into(), cert_cfg]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("[ok]   certificate: valid until 2126-10-31"),
+        "{out}"
+    );
     // A restricted sender shows at MAIL FROM, before any real message.
     fake.faults()
         .mail_once

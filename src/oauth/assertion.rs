@@ -56,6 +56,14 @@ impl AssertionSigner {
         Ok(signer)
     }
 
+    /// The certificate's validity period (notBefore, notAfter), as Unix seconds.
+    pub fn validity(&self) -> Result<(i64, i64), String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.cert_der)
+            .map_err(|e| format!("cannot parse the certificate: {e}"))?;
+        let v = cert.validity();
+        Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+    }
+
     fn scheme(&self) -> Result<Box<dyn rustls::sign::Signer>, String> {
         let wanted = match self.alg {
             AssertionAlgorithm::Ps256 => SignatureScheme::RSA_PSS_SHA256,
