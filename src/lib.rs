@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod advice;
+pub mod client;
 pub mod config;
 pub mod diagnose;
 pub mod forward;

@@ -34,6 +34,8 @@ pub enum AddressError {
     TooLong,
     #[error("the address needs the form local-part@domain")]
     NoDomain,
+    #[error("the address is not valid ({0})")]
+    Invalid(String),
     #[error("unbalanced angle brackets")]
     Brackets,
 }
@@ -68,16 +70,21 @@ pub fn parse_address(raw: &str, role: AddressRole) -> Result<String, AddressErro
         return Err(AddressError::TooLong);
     }
     match role {
-        AddressRole::Sender => Ok(inner.to_string()),
+        AddressRole::Sender if inner.is_empty() || !inner.contains('@') => Ok(inner.to_string()),
         AddressRole::Recipient if inner.is_empty() => Err(AddressError::Empty),
-        AddressRole::Recipient => match inner.rsplit_once('@') {
+        _ => match inner.rsplit_once('@') {
+            // The upstream's own rule (lettre's), so nothing accepted here is refused there.
             Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
-                Ok(inner.to_string())
+                lettre::Address::from_str(inner)
+                    .map(|_| inner.to_string())
+                    .map_err(|e| AddressError::Invalid(e.to_string()))
             }
             _ => Err(AddressError::NoDomain),
         },
     }
 }
+
+use std::str::FromStr;
 
 /// Where a message came from: decides the `with` clause of its `Received:` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,15 +332,30 @@ impl HeaderCleanup {
                     *checked += len + 2;
                 }
                 Line::Continuation if *checked > 0 => *checked += len + 2,
-                Line::Blank | Line::Continuation | Line::Body => {
-                    // The header section ends here: what is missing goes in front of this line,
-                    // and a body line that follows headers directly gets the blank line it lacked.
+                Line::Blank => {
+                    // The header section ends here: what is missing goes in front of the blank
+                    // line.
                     out.extend_from_slice(&buf[..*checked]);
                     add_missing(seen, missing, out);
-                    if kind != Line::Blank {
-                        out.extend_from_slice(b"\r\n");
-                    }
                     out.extend_from_slice(&buf[*checked..]);
+                    *self = HeaderCleanup::Passing;
+                    return;
+                }
+                Line::Body | Line::Continuation if *checked == 0 => {
+                    // No header at all, the text starts at once: the fields go in front of it,
+                    // with the blank line that separates them from the text.
+                    add_missing(seen, missing, out);
+                    out.extend_from_slice(b"\r\n");
+                    out.extend_from_slice(buf);
+                    *self = HeaderCleanup::Passing;
+                    return;
+                }
+                Line::Body | Line::Continuation => {
+                    // A line that is neither a field nor the blank line, after some fields: the
+                    // header section is malformed, and where it ends is a guess. Adding fields
+                    // or a blank line here could push real headers (MIME-Version,
+                    // Content-Type) into the body, so the message passes exactly as it came.
+                    out.extend_from_slice(buf);
                     *self = HeaderCleanup::Passing;
                     return;
                 }
@@ -386,23 +408,31 @@ enum Line<'a> {
 }
 
 /// A header field line is `name:` with a name of printable ASCII other than `:` (RFC 5322
-/// §2.2); raw 8-bit bytes after the colon are fine (old devices send them).
+/// §2.2), allowing the obsolete white space before the colon (`Subject : x`, §4.5); raw 8-bit
+/// bytes after the colon are fine (old devices send them).
 fn classify(line: &[u8]) -> Line<'_> {
     match line.first() {
         None => Line::Blank,
         Some(b' ' | b'\t') => Line::Continuation,
         Some(_) => match memchr::memchr(b':', line) {
-            Some(colon)
-                if colon > 0
-                    && line[..colon]
-                        .iter()
-                        .all(|&b| (33..=126).contains(&b) && b != b':') =>
-            {
-                Line::Field(&line[..colon])
+            Some(colon) => {
+                let name = trim_wsp_end(&line[..colon]);
+                if !name.is_empty() && name.iter().all(|&b| (33..=126).contains(&b)) {
+                    Line::Field(name)
+                } else {
+                    Line::Body
+                }
             }
-            _ => Line::Body,
+            None => Line::Body,
         },
     }
+}
+
+fn trim_wsp_end(mut s: &[u8]) -> &[u8] {
+    while let [rest @ .., b' ' | b'\t'] = s {
+        s = rest;
+    }
+    s
 }
 
 /// Client details for messages the relay makes itself (DSNs, send-test).
@@ -474,6 +504,14 @@ mod tests {
         );
         assert_eq!(parse_address("a@b\0", Sender), Err(AddressError::Control));
         assert_eq!(parse_address("<a@b", Sender), Err(AddressError::Brackets));
+        assert!(matches!(
+            parse_address("a@b.example,c@d.example", Recipient),
+            Err(AddressError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_address("a;b@example.com", Sender),
+            Err(AddressError::Invalid(_))
+        ));
         assert_eq!(
             parse_address(&format!("{}@b", "a".repeat(300)), Sender),
             Err(AddressError::TooLong)
@@ -513,6 +551,23 @@ mod tests {
             rest.ends_with("From: <MAILER-DAEMON@relay.test>\r\n\r\nhello world\r\nsecond\r\n"),
             "{rest}"
         );
+    }
+
+    #[test]
+    fn a_malformed_header_section_passes_unchanged() {
+        // A line that is no field in the middle of the headers: nothing is added, nothing moved.
+        let msg = "From: a@b\r\nX-Scanner \u{e9}t\u{e9}: 1\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nbody\r\n";
+        let out = raw(&sub("a@b"), msg.as_bytes());
+        assert_eq!(without_received(&out), msg);
+        // The obsolete space before the colon is still a field.
+        let msg = "Subject : scan\r\nMIME-Version: 1.0\r\n\r\nbody\r\n";
+        let out = raw(&sub("a@b"), msg.as_bytes());
+        let rest = without_received(&out);
+        assert!(
+            rest.starts_with("Subject : scan\r\nMIME-Version: 1.0\r\nDate: "),
+            "{rest}"
+        );
+        assert!(rest.ends_with("From: <a@b>\r\n\r\nbody\r\n"), "{rest}");
     }
 
     #[test]

@@ -1126,6 +1126,10 @@ async fn an_unreachable_exchange_marks_the_account_degraded_then_recovers() {
     assert_eq!(ready.status(), 503);
     let ready: serde_json::Value = ready.json().await.unwrap();
     assert!(ready["reasons"].to_string().contains("degraded"), "{ready}");
+    assert!(
+        !ready.to_string().contains("cannot connect"),
+        "no causes without a token: {ready}"
+    );
     let metrics = reqwest::get(format!("{http}/metrics"))
         .await
         .unwrap()

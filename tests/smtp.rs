@@ -834,3 +834,37 @@ async fn full_disk_gets_452_and_loses_nothing() {
     let got = wait_captured(&relay.path("capture"), 2).await;
     assert_eq!(got.len(), 2);
 }
+
+/// A stranger cannot keep its slot by sending NOOPs: it must log in within
+/// `untrusted_command_timeout` of connecting, however busy it keeps the connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stranger_that_never_logs_in_is_closed_however_busy() {
+    let relay = TestRelay::start(&basic_config(
+        "allowed_networks = [\"10.0.0.0/8\"]\nuntrusted_command_timeout = \"1s\"",
+    ))
+    .await;
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO stranger", "250").await;
+    let started = Instant::now();
+    let mut closed = false;
+    for _ in 0..20 {
+        c.send("NOOP").await;
+        match c.reply().await {
+            Some(r) if r.starts_with("250") => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some(r) => {
+                assert!(r.starts_with("421"), "{r}");
+                closed = true;
+                break;
+            }
+            None => {
+                closed = true;
+                break;
+            }
+        }
+    }
+    assert!(closed, "the stranger kept its connection with NOOPs");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}

@@ -346,19 +346,17 @@ impl Forwarder {
             let wake = self.next_wake(Instant::now());
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                Some(meta) = committed.recv() => {
-                    self.metrics.received.get_or_create(&Metrics::account(&meta.account)).inc();
-                    let (id, account) = (meta.id.clone(), meta.account.clone());
-                    if self.fresh.len() < FRESH_MAX {
-                        self.fresh.insert(id.clone(), meta);
-                    }
-                    let _ = self.schedule.schedule(&id, &account, Instant::now());
-                }
+                Some(meta) = committed.recv() => self.committed(meta),
                 Some(done) = done_rx.recv() => {
                     self.schedule.finished(&done.id, &done.account, done.retry_at);
                     self.finished(&done);
                 }
                 Some((cmd, reply)) = self.control_rx.recv() => {
+                    // Messages committed before the command must be known first: a hold or
+                    // delete of one still in the channel would otherwise race its first attempt.
+                    while let Ok(meta) = committed.try_recv() {
+                        self.committed(meta);
+                    }
                     let result = self.command(cmd).await;
                     let _ = reply.send(result);
                 }
@@ -370,6 +368,19 @@ impl Forwarder {
                 _ = tokio::time::sleep_until(wake) => {}
             }
         }
+    }
+
+    /// A message the spool just committed: counted, and due now.
+    fn committed(&mut self, meta: Meta) {
+        self.metrics
+            .received
+            .get_or_create(&Metrics::account(&meta.account))
+            .inc();
+        let (id, account) = (meta.id.clone(), meta.account.clone());
+        if self.fresh.len() < FRESH_MAX {
+            self.fresh.insert(id.clone(), meta);
+        }
+        let _ = self.schedule.schedule(&id, &account, Instant::now());
     }
 
     /// Carries out an administrator's command. Messages in delivery right now are left alone.
@@ -625,14 +636,33 @@ impl Forwarder {
                     info!(account = %name, queue_id = %id, "probing a paused account with one message");
                     self.apply(&name, &Event::ProbeSent);
                 }
-                tracker.spawn(async move {
+                let (epoch, owned_id, owned_name) = (gate.epoch, id.clone(), name.clone());
+                let run = tokio::spawn(async move {
                     let ctx = AttemptCtx {
                         spool: &spool,
                         config: &config,
                         metrics: &metrics,
                         status: &status,
                     };
-                    let done = attempt(&ctx, upstream.as_ref(), &gate, &id, &name, fresh).await;
+                    attempt(&ctx, upstream.as_ref(), &gate, &id, &name, fresh).await
+                });
+                tracker.spawn(async move {
+                    // A panicking attempt must not leave its message "in flight" for ever (every
+                    // command on it refused, the account waiting for its signal): it counts as
+                    // not sent, and the message is tried again later.
+                    let done = run.await.unwrap_or_else(|e| {
+                        error!(queue_id = %owned_id, account = %owned_name, error = %e, "delivery attempt crashed; the message stays queued and is tried again in a minute");
+                        Done {
+                            id: owned_id,
+                            account: owned_name,
+                            epoch,
+                            retry_at: Some(Instant::now() + Duration::from_secs(60)),
+                            signal: None,
+                            delivered: 0,
+                            stood_down: true,
+                            unreachable: None,
+                        }
+                    });
                     drop(permit);
                     let _ = done_tx.send(done);
                 });
@@ -855,8 +885,12 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
 /// notification (null sender) or DSNs are off.
 async fn send_dsn(spool: &Arc<Spool>, config: &Config, meta: &Meta) {
     let mut to = Vec::new();
-    if matches!(config.queue.dsn, DsnTo::Sender | DsnTo::Both) && !meta.mail_from.is_empty() {
+    // A sender without a domain (a device that only knows its own name) cannot get mail.
+    let sender_reachable = meta.mail_from.contains('@');
+    if matches!(config.queue.dsn, DsnTo::Sender | DsnTo::Both) && sender_reachable {
         to.push(meta.mail_from.clone());
+    } else if !meta.mail_from.is_empty() && !sender_reachable {
+        info!(queue_id = %meta.id, sender = %meta.mail_from.escape_debug(), "no delivery status notification to a sender without a domain");
     }
     if matches!(config.queue.dsn, DsnTo::Admin | DsnTo::Both)
         && let Some(admin) = &config.queue.admin_address

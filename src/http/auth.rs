@@ -21,6 +21,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+
+use crate::client::ClientKey;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,7 +106,9 @@ fn login_verdict(failures: Option<&Failures>, now: Instant) -> Result<(), Durati
 struct Table {
     /// Keyed by the SHA-256 of the secret, so the secret itself is not kept in memory.
     sessions: HashMap<[u8; 32], Session>,
-    failures: HashMap<IpAddr, Failures>,
+    /// Per client as SMTP counts them (an IPv4 address, an IPv6 /64), so rotating addresses
+    /// within one's own /64 does not reset the count.
+    failures: HashMap<ClientKey, Failures>,
 }
 
 /// Sessions and login failures. Never blocks for long: every operation is a few map lookups.
@@ -163,6 +167,7 @@ impl Sessions {
 
     /// `Err(retry_after)` while `ip` is locked out after too many wrong tokens.
     pub fn login_allowed(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
+        let ip = ClientKey::of(ip);
         let mut t = self.table();
         let verdict = login_verdict(t.failures.get(&ip), now);
         if verdict.is_ok()
@@ -176,6 +181,7 @@ impl Sessions {
     }
 
     pub fn login_failed(&self, ip: IpAddr, now: Instant) {
+        let ip = ClientKey::of(ip);
         let mut t = self.table();
         if !t.failures.contains_key(&ip) && t.failures.len() >= MAX_TRACKED_CLIENTS {
             t.failures.retain(|_, f| f.since + LOGIN_LOCKOUT > now);
@@ -203,7 +209,7 @@ impl Sessions {
     }
 
     pub fn login_succeeded(&self, ip: IpAddr) {
-        self.table().failures.remove(&ip);
+        self.table().failures.remove(&ClientKey::of(ip));
     }
 }
 

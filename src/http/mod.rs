@@ -131,13 +131,24 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
     let mut accounts = serde_json::Map::new();
     let mut accounts_ok = true;
     let mut degraded = Vec::new();
+    // Names and states only: /readyz answers without a token (and to any Host, for monitoring
+    // systems), so causes, advice and mailboxes stay behind /api/v1/accounts.
     for (name, st) in state.status.all() {
         let ok = !matches!(st.state, crate::forward::AccountState::Paused { .. });
         accounts_ok &= ok;
-        if let Some(cause) = &st.degraded {
-            degraded.push(format!("account {name} is degraded: {cause}"));
+        if st.degraded.is_some() {
+            degraded.push(format!(
+                "account {name} is degraded (its upstream is unreachable); see /api/v1/accounts"
+            ));
         }
-        accounts.insert(name, serde_json::to_value(&st).unwrap_or_default());
+        let state_name = serde_json::to_value(&st.state)
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        accounts.insert(
+            name,
+            serde_json::json!({ "state": state_name, "degraded": st.degraded.is_some() }),
+        );
     }
     let none_paused = accounts_ok;
     let accounts_ok = none_paused && degraded.is_empty();
@@ -150,7 +161,7 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
         reasons.push(format!("spool is not writable: {e}"));
     }
     if !none_paused {
-        reasons.push("an account is paused; see accounts".to_string());
+        reasons.push("an account is paused; see /api/v1/accounts".to_string());
     }
     reasons.extend(degraded);
     let body = serde_json::json!({ "ready": ready, "reasons": reasons, "listeners": listeners, "spool_writable": spool_ok.is_ok(), "accounts": accounts });

@@ -15,6 +15,8 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+
+use crate::client::ClientKey;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,7 +54,8 @@ impl Limits {
 #[derive(Default)]
 struct Counts {
     total: usize,
-    per_client: HashMap<IpAddr, usize>,
+    /// Per client as SMTP counts them: an IPv4 address, an IPv6 /64.
+    per_client: HashMap<ClientKey, usize>,
 }
 
 /// Open connections, in total and per client address.
@@ -64,7 +67,7 @@ pub struct Slots {
 /// A connection's place within the limits; given back when dropped.
 pub struct Slot {
     slots: Arc<Slots>,
-    ip: IpAddr,
+    client: ClientKey,
 }
 
 impl Slots {
@@ -81,17 +84,18 @@ impl Slots {
 
     /// A slot for a connection from `ip`, or `None` when a limit is reached.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let client = ClientKey::of(ip);
         let mut c = self.counts();
-        let mine = c.per_client.get(&ip).copied().unwrap_or(0);
+        let mine = c.per_client.get(&client).copied().unwrap_or(0);
         if c.total >= self.limits.max_connections || mine >= self.limits.max_connections_per_client
         {
             return None;
         }
         c.total += 1;
-        c.per_client.insert(ip, mine + 1);
+        c.per_client.insert(client, mine + 1);
         Some(Slot {
             slots: self.clone(),
-            ip,
+            client,
         })
     }
 }
@@ -100,10 +104,10 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut c = self.slots.counts();
         c.total = c.total.saturating_sub(1);
-        if let Some(n) = c.per_client.get_mut(&self.ip) {
+        if let Some(n) = c.per_client.get_mut(&self.client) {
             *n -= 1;
             if *n == 0 {
-                c.per_client.remove(&self.ip);
+                c.per_client.remove(&self.client);
             }
         }
     }
@@ -249,6 +253,21 @@ mod tests {
         drop(a1);
         let _c1 = slots.admit(c).expect("a closed one, so c may come in");
         assert_eq!(slots.counts().total, 3);
+    }
+
+    #[test]
+    fn an_ipv6_slash_64_is_one_client() {
+        let slots = Slots::new(limits(10, 2));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2::ffff".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _a = slots.admit(a).unwrap();
+        let _b = slots.admit(b).unwrap();
+        assert!(
+            slots.admit("2001:db8:1:2::7".parse().unwrap()).is_none(),
+            "a third address from the same /64 is the same client"
+        );
+        assert!(slots.admit(other).is_some());
     }
 
     #[test]

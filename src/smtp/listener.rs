@@ -291,6 +291,9 @@ async fn connection(
             relay.command_timeout
         }
     };
+    // A stranger must also have logged in within that time of connecting: NOOPs every few
+    // seconds would otherwise keep its slot in the stranger budget for ever.
+    let login_by = Instant::now() + relay.untrusted_command_timeout.min(relay.command_timeout);
     let ip = canonical_ip(peer.ip());
     let network_allowed = !admission.is_stranger();
     if !network_allowed && inbound.guard.is_banned(ip) {
@@ -335,11 +338,14 @@ async fn connection(
                     warn!("session stalled with unread input; closing");
                     break;
                 }
-                let limit = if session.in_data() {
+                let mut limit = if session.in_data() {
                     relay.data_timeout
                 } else {
                     command_timeout(&admission)
                 };
+                if admission.is_stranger() {
+                    limit = limit.min(login_by.saturating_duration_since(Instant::now()));
+                }
                 let busy = session.busy();
                 tokio::select! {
                     r = tokio::time::timeout(limit, conn.read(&mut buf)) => match r {

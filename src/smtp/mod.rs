@@ -1,7 +1,7 @@
 //! Inbound SMTP: the session state machine, its replies, SASL, logins and the socket driver.
 
 pub mod auth;
-pub mod client;
+pub use crate::client;
 pub mod data;
 pub mod limits;
 pub mod listener;
