@@ -1348,3 +1348,58 @@ async fn an_untrusted_token_endpoint_certificate_pauses_with_tls_inspection_advi
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Entra's refusals that need an administrator: each pauses the account (mail stays queued)
+/// with the fix for its AADSTS code, on the accounts API.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_endpoint_refusals_pause_with_their_fix() {
+    let cases: [(u32, &str, &str); 6] = [
+        (7000229, "invalid_client", "New-MgServicePrincipal -AppId"),
+        (900382, "invalid_request", "cloud = \\\"usgov\\\""),
+        (1000502, "invalid_client", "certificate_file"),
+        (7000112, "unauthorized_client", "Enterprise applications"),
+        (500011, "invalid_resource", "set scope explicitly"),
+        (530035, "invalid_grant", "Manage security defaults"),
+    ];
+    for (code, error, fix) in cases {
+        let fake = FakeExchange::start().await;
+        let c = creds(&fake, SECRET);
+        *fake.state.token_error.lock().unwrap() = Some((
+            400,
+            serde_json::json!({"error": error, "error_description": format!("AADSTS{code}: refused."), "error_codes": [code]}),
+        ));
+        let cfg = relay_config(&account(&fake, &c, "secret", ""), "")
+            + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
+        let relay = TestRelay::start(&cfg).await;
+        let id = submit(
+            &relay,
+            "scanner@printer.local",
+            &["boss@contoso.com"],
+            b"Subject: t\r\n\r\nx\r\n",
+        )
+        .await;
+        let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
+            if v["accounts"][0]["state"] == "paused" {
+                let advice = v["accounts"][0]["advice"].to_string();
+                assert!(
+                    advice.contains(&format!("AADSTS{code}")) || code == 530035,
+                    "{code}: {advice}"
+                );
+                assert!(advice.contains(fix), "{code}: {advice}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{code}: never paused: {v}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            relay
+                .path("spool/queue")
+                .join(format!("{id}.json"))
+                .exists(),
+            "{code}: still queued"
+        );
+    }
+}
