@@ -262,6 +262,10 @@ pub struct AccountConfig {
     pub cloud: Cloud,
     /// Overrides the cloud's Entra authority (scheme and host).
     pub authority_url: Option<String>,
+    /// When the client secret expires (shown in Entra next to the secret), for warnings ahead
+    /// of the day: `client_secret_expires = 2027-05-01`.
+    #[serde(default, deserialize_with = "de_date")]
+    pub client_secret_expires: Option<chrono::NaiveDate>,
     /// Overrides the cloud's token scope, for clouds the presets miss (e.g. US Government DoD:
     /// `https://outlook-dod.office365.us/.default`).
     pub scope: Option<String>,
@@ -521,6 +525,27 @@ impl Default for QueueConfig {
 }
 
 // ---- value parsers ----
+
+/// A date written as a TOML date (`2027-05-01`) or a string (`"2027-05-01"`).
+fn de_date<'de, D: Deserializer<'de>>(d: D) -> Result<Option<chrono::NaiveDate>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Date(toml::value::Datetime),
+        Text(String),
+    }
+    let text = match Raw::deserialize(d)? {
+        Raw::Date(dt) => dt.to_string(),
+        Raw::Text(s) => s,
+    };
+    chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d")
+        .map(Some)
+        .map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid date {text:?} ({e}); write it as 2027-05-01"
+            ))
+        })
+}
 
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;

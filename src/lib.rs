@@ -8,6 +8,7 @@ pub mod config;
 pub mod diagnose;
 pub mod forward;
 pub mod http;
+pub mod lifecycle;
 pub mod metrics;
 pub mod oauth;
 pub mod smtp;
@@ -150,6 +151,13 @@ pub async fn run(
             }
         })
     });
+    let lifecycle_task = tokio::spawn(lifecycle::watch(
+        config.clone(),
+        spool.clone(),
+        metrics.clone(),
+        forwarder.status(),
+        shutdown.clone(),
+    ));
     let forwarder_task =
         tokio::spawn(forwarder.run(recovered.messages, shutdown.clone(), deliveries.clone()));
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -164,6 +172,7 @@ pub async fn run(
     sessions.close();
     deliveries.close();
     let _ = forwarder_task.await;
+    let _ = lifecycle_task.await;
     if let Some(t) = http_task {
         let _ = t.await;
     }

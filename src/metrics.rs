@@ -17,6 +17,13 @@ pub struct AccountLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CredentialLabels {
+    pub account: String,
+    /// `certificate` or `client_secret`.
+    pub credential: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AccountStateLabels {
     pub account: String,
     /// `active`, `throttled`, `paused`, `held`, `paused_by_admin`, or `degraded` (beside the
@@ -56,7 +63,8 @@ pub struct Metrics {
     pub smtp_rejected: Counter,
     pub token_requests: Family<AccountLabel, Counter>,
     pub token_failures: Family<AccountLabel, Counter>,
-    pub credential_expiry: Family<AccountLabel, Gauge>,
+    pub token_expiry: Family<AccountLabel, Gauge>,
+    pub credential_expiry: Family<CredentialLabels, Gauge>,
     pub account_paused: Family<AccountLabel, Gauge>,
     pub account_state: Family<AccountStateLabels, Gauge>,
     pub throttled: Family<AccountLabel, Counter>,
@@ -87,6 +95,7 @@ impl Metrics {
             smtp_rejected: Counter::default(),
             token_requests: Family::default(),
             token_failures: Family::default(),
+            token_expiry: Family::default(),
             credential_expiry: Family::default(),
             account_paused: Family::default(),
             account_state: Family::default(),
@@ -165,8 +174,13 @@ impl Metrics {
             m.token_failures.clone(),
         );
         registry.register(
-            "credential_expiry_timestamp_seconds",
+            "token_expiry_timestamp_seconds",
             "Unix time at which the current access token expires",
+            m.token_expiry.clone(),
+        );
+        registry.register(
+            "credential_expiry_timestamp_seconds",
+            "Unix time at which an account's certificate or client secret expires",
             m.credential_expiry.clone(),
         );
         registry.register(
@@ -191,6 +205,15 @@ impl Metrics {
         AccountLabel {
             account: name.to_string(),
         }
+    }
+
+    pub fn set_credential_expiry(&self, account: &str, credential: &str, at: i64) {
+        self.credential_expiry
+            .get_or_create(&CredentialLabels {
+                account: account.to_string(),
+                credential: credential.to_string(),
+            })
+            .set(at);
     }
 
     /// Sets `exorelay_account_state` for `account`: 1 for `state` (one of [`ACCOUNT_STATES`]),

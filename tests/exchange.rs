@@ -1403,3 +1403,111 @@ async fn token_endpoint_refusals_pause_with_their_fix() {
         );
     }
 }
+
+/// A client secret that expires in a few days: the expiry is a metric, the warning is on the
+/// accounts API, the status page and /readyz, and the administrator gets one mail; an expired one
+/// makes /readyz fail.
+#[tokio::test(flavor = "multi_thread")]
+async fn credential_expiry_is_warned_ahead_and_expired_fails_readiness() {
+    let fake = FakeExchange::start().await;
+    let c = creds(&fake, SECRET);
+    let soon = (chrono::Utc::now() + chrono::Duration::days(5)).date_naive();
+    let cfg = relay_config(
+        &account(
+            &fake,
+            &c,
+            "secret",
+            &format!("client_secret_expires = {soon}"),
+        ),
+        "admin_address = \"postmaster@contoso.com\"",
+    ) + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
+    let relay = TestRelay::start(&cfg).await;
+    let http = format!("http://{}", relay.http.unwrap());
+    // The notice goes to the administrator through the account, like any message.
+    let got = wait_delivered(&fake, 1, 20).await;
+    assert_eq!(got[0].rcpts, ["postmaster@contoso.com"]);
+    let text = String::from_utf8_lossy(&got[0].data);
+    assert!(
+        text.contains("expires in 7 day(s) or less") && text.contains(&soon.to_string()),
+        "{text}"
+    );
+    let v: serde_json::Value = reqwest::get(format!("{http}/api/v1/accounts"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let warning = v["accounts"][0]["credential_warnings"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        warning.contains(&format!("expires on {soon}")) && warning.contains("client_secret_file"),
+        "{v}"
+    );
+    let ready: serde_json::Value = reqwest::get(format!("{http}/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready["ready"], true,
+        "a warning is not yet a failure: {ready}"
+    );
+    assert!(
+        ready["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("expires soon"),
+        "{ready}"
+    );
+    let page = reqwest::get(format!("{http}/"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(&format!("expires on {soon}")), "status page");
+    let metrics = reqwest::get(format!("{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let at = soon.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp();
+    assert!(
+        metrics.contains(&format!("exorelay_credential_expiry_timestamp_seconds{{account=\"contoso\",credential=\"client_secret\"}} {at}")),
+        "{metrics}"
+    );
+    drop(relay);
+
+    let past = (chrono::Utc::now() - chrono::Duration::days(1)).date_naive();
+    let cfg = relay_config(
+        &account(
+            &fake,
+            &c,
+            "secret",
+            &format!("client_secret_expires = \"{past}\""),
+        ),
+        "",
+    ) + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
+    let relay = TestRelay::start(&cfg).await;
+    let http = format!("http://{}", relay.http.unwrap());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = reqwest::get(format!("{http}/readyz")).await.unwrap();
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap();
+        // (Right at start-up it may also say the listeners are not running yet.)
+        if body["reasons"].to_string().contains("expired credential") {
+            assert_eq!(status, 503, "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readyz never failed for an expired secret"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

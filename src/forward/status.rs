@@ -42,6 +42,12 @@ pub struct AccountStatus {
     /// The upstream has not been reachable for several attempts in a row: the last cause.
     /// Delivery goes on being retried; this is for the administrator.
     pub degraded: Option<String>,
+    /// Credentials that expire soon or have expired (see [`crate::lifecycle`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub credential_warnings: Vec<String>,
+    /// A credential has expired: nothing goes out through this account.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub credential_expired: bool,
     pub last_success: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
 }
@@ -64,6 +70,7 @@ const EVENTS_KEPT: usize = 100;
 struct Stored {
     account: Account,
     health: Health,
+    credential_notices: Vec<crate::lifecycle::Notice>,
     last_success: Option<DateTime<Utc>>,
     last_error: Option<String>,
 }
@@ -73,6 +80,12 @@ impl Stored {
         AccountStatus {
             state: self.account.view(tokio::time::Instant::now(), Utc::now()),
             degraded: self.health.degraded.clone(),
+            credential_warnings: self
+                .credential_notices
+                .iter()
+                .map(|n| n.text.clone())
+                .collect(),
+            credential_expired: self.credential_notices.iter().any(|n| n.level == 0),
             last_success: self.last_success,
             last_error: self.last_error.clone(),
         }
@@ -97,6 +110,13 @@ impl Status {
     pub(crate) fn set_health(&self, name: &str, health: &Health) {
         if let Ok(mut m) = self.accounts.lock() {
             m.entry(name.to_string()).or_default().health = health.clone();
+        }
+    }
+
+    /// Records the account's credential warnings (replacing the previous ones).
+    pub fn set_credential_notices(&self, name: &str, notices: Vec<crate::lifecycle::Notice>) {
+        if let Ok(mut m) = self.accounts.lock() {
+            m.entry(name.to_string()).or_default().credential_notices = notices;
         }
     }
 

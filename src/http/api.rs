@@ -328,7 +328,7 @@ pub fn account_views(state: &AppState) -> Vec<serde_json::Value> {
         .map(|a| {
             let st = state.status.get(&a.name);
             let label = crate::metrics::Metrics::account(&a.name);
-            let expiry = state.metrics.credential_expiry.get_or_create(&label).get();
+            let expiry = state.metrics.token_expiry.get_or_create(&label).get();
             let mut v = serde_json::json!({
                 "name": a.name,
                 "kind": match a.kind { crate::config::AccountKind::Capture => "capture", crate::config::AccountKind::Exchange => "exchange" },

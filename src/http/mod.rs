@@ -131,11 +131,22 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
     let mut accounts = serde_json::Map::new();
     let mut accounts_ok = true;
     let mut degraded = Vec::new();
+    let mut warnings = Vec::new();
     // Names and states only: /readyz answers without a token (and to any Host, for monitoring
     // systems), so causes, advice and mailboxes stay behind /api/v1/accounts.
     for (name, st) in state.status.all() {
         let ok = !matches!(st.state, crate::forward::AccountState::Paused { .. });
         accounts_ok &= ok;
+        if !st.credential_warnings.is_empty() {
+            warnings.push(format!(
+                "account {name}: a credential expires soon; see /api/v1/accounts"
+            ));
+        }
+        if st.credential_expired {
+            degraded.push(format!(
+                "account {name} has an expired credential; see /api/v1/accounts"
+            ));
+        }
         if st.degraded.is_some() {
             degraded.push(format!(
                 "account {name} is degraded (its upstream is unreachable); see /api/v1/accounts"
@@ -164,7 +175,7 @@ async fn readyz(axum::extract::State(state): axum::extract::State<Arc<AppState>>
         reasons.push("an account is paused; see /api/v1/accounts".to_string());
     }
     reasons.extend(degraded);
-    let body = serde_json::json!({ "ready": ready, "reasons": reasons, "listeners": listeners, "spool_writable": spool_ok.is_ok(), "accounts": accounts });
+    let body = serde_json::json!({ "ready": ready, "reasons": reasons, "warnings": warnings, "listeners": listeners, "spool_writable": spool_ok.is_ok(), "accounts": accounts });
     let code = if ready {
         StatusCode::OK
     } else {

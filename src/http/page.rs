@@ -187,6 +187,9 @@ pub async fn status_page(
             _ => "warn",
         };
         let mut problem = Markup::new();
+        for w in a["credential_warnings"].as_array().into_iter().flatten() {
+            problem.put("<div class=\"warn\">{}</div>", &[&w.as_str().unwrap_or("")]);
+        }
         if let Some(cause) = degraded {
             problem.put(
                 "{}<div class=\"fix\">{}</div>",

@@ -216,7 +216,7 @@ impl TokenManager {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_secs())
                         .unwrap_or(0);
-                    m.credential_expiry.get_or_create(&label).set(exp as i64);
+                    m.token_expiry.get_or_create(&label).set(exp as i64);
                 }
                 cache.token = Some(t.clone());
                 cache.failure = None;
