@@ -83,6 +83,11 @@ impl Spares {
         self.free.lock().map(|f| f.len()).unwrap_or(0)
     }
 
+    /// How many files wait in `tmp/` for reuse: free, or reclaimed and waiting to be released.
+    pub(super) fn kept_len(&self) -> usize {
+        self.free_len() + self.pending.lock().map(|p| p.len()).unwrap_or(0)
+    }
+
     fn name(&self) -> (u64, PathBuf) {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         (n, self.path(n))
