@@ -302,6 +302,13 @@ impl Spool {
             m.deleted_at = Some(chrono::Utc::now());
             stamped = m;
             Some(&stamped)
+        } else if let Some(m) = meta.filter(|m| m.deleted_at.is_some()) {
+            // Brought back from deleted/: no longer deleted.
+            stamped = Meta {
+                deleted_at: None,
+                ..m.clone()
+            };
+            Some(&stamped)
         } else {
             meta
         };

@@ -61,8 +61,7 @@ pub(super) struct Spares {
     /// creating at once spin on that lock in the kernel (a third of the relay's CPU when a burst
     /// outgrows the pool); waiting here sleeps instead.
     create: Mutex<()>,
-    /// Held by a writer settling the pending files, so that others wait for its release
-    /// rather than create files.
+    /// Held by the one writer settling the pending files.
     settling: Mutex<()>,
 }
 
@@ -123,11 +122,10 @@ impl Spares {
             }
             // No free spare: settle the reclaimed ones (one fsync per folder they left) rather
             // than allocate an inode, unless there are none or settling fails. One thread
-            // settles; the others wait for it and take what it released.
-            let _settling = self.settling.lock();
-            if self.free_len() > 0 {
-                continue;
-            }
+            // settles at a time; the others do not queue behind its fsync but create a file.
+            let Ok(_settling) = self.settling.try_lock() else {
+                break;
+            };
             if self.settle().unwrap_or(0) == 0 {
                 break;
             }
