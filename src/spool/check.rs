@@ -74,7 +74,15 @@ pub fn verify_file(path: &Path, size: u64, crc: Option<u32>) -> Result<(), Verif
     }
     let mut crc = Crc::default();
     let mut read = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
+    // Sized to the body (most are a few KB), so a check does not grow every blocking thread's
+    // heap by a large buffer.
+    let mut buf = vec![
+        0u8;
+        usize::try_from(size)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 64 * 1024)
+            + 1
+    ];
     loop {
         let n = match file.read(&mut buf) {
             Ok(0) => break,
