@@ -4,7 +4,8 @@
 //! gathers, so under load many messages share one directory fsync and no one waits for a timer.
 //!
 //! The same fsync makes durable the removals from `queue/` that finished before it started, so
-//! the files they freed are released into the spare pool here (see `spares.rs`).
+//! the files they freed are released into the spare pool here (see `spares.rs`); when no
+//! commit comes for [`IDLE`], the publisher settles the pending removals on its own.
 
 use std::io;
 use std::path::PathBuf;
@@ -15,6 +16,9 @@ use tokio::sync::mpsc;
 
 use super::Meta;
 use super::spares::Spares;
+
+/// How long the publisher waits for a commit before it settles pending removals on its own.
+const IDLE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// A message whose files are written and fsynced in `tmp/`, waiting to be made visible.
 pub(super) struct PublishRequest {
@@ -34,7 +38,17 @@ pub(super) fn publisher(
     spares: Arc<Spares>,
     committed: mpsc::UnboundedSender<Meta>,
 ) {
-    while let Ok(first) = rx.recv() {
+    loop {
+        let first = match rx.recv_timeout(IDLE) {
+            Ok(first) => first,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: make the removals of delivered messages durable so that their files
+                // are free for the next burst (writers would otherwise create new ones).
+                let _ = spares.settle();
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let mut batch = vec![first];
         while let Ok(more) = rx.try_recv() {
             batch.push(more);

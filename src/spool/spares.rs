@@ -61,7 +61,7 @@ pub(super) struct Spares {
     /// creating at once spin on that lock in the kernel (a third of the relay's CPU when a burst
     /// outgrows the pool); waiting here sleeps instead.
     create: Mutex<()>,
-    /// Held by the one writer settling the pending files.
+    /// Held by the one writer settling the pending files; the others wait for its release.
     settling: Mutex<()>,
 }
 
@@ -122,10 +122,12 @@ impl Spares {
             }
             // No free spare: settle the reclaimed ones (one fsync per folder they left) rather
             // than allocate an inode, unless there are none or settling fails. One thread
-            // settles at a time; the others do not queue behind its fsync but create a file.
-            let Ok(_settling) = self.settling.try_lock() else {
-                break;
-            };
+            // settles; the others wait for it (one fsync) and take what it released, which is
+            // cheaper than creating files (see the module header).
+            let _settling = self.settling.lock();
+            if self.free_len() > 0 {
+                continue;
+            }
             if self.settle().unwrap_or(0) == 0 {
                 break;
             }
