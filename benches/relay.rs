@@ -12,6 +12,9 @@
 //!   --direct                   also drive the fake Exchange directly (STARTTLS + XOAUTH2 per
 //!                              connection) for the baseline the relay is compared with
 //!
+//! Environment: `EXORELAY_BENCH_BIN=/path/to/exorelay` runs that binary instead of this
+//! checkout's (build an older commit's release binary to measure a change before and after).
+//!
 //! The relay's spool and capture folder live in a fresh folder under `$TMPDIR` (default /tmp).
 //! Before the relay starts, a disk probe rewrites and fsyncs 2,000 small files there from C
 //! threads (as the spool rewrites its recycled files) and prints the rate: the machine's disk
@@ -513,7 +516,10 @@ async fn run(a: Args) {
         _ => None,
     };
     let cfg = write_config(dir.path(), port, &a.upstream, fake.as_ref());
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_exorelay"))
+    // EXORELAY_BENCH_BIN runs another build (an older commit's) for before/after comparisons.
+    let bin = std::env::var_os("EXORELAY_BENCH_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_exorelay").into());
+    let mut child: Child = Command::new(bin)
         .args(["run", "--config", cfg.to_str().unwrap()])
         .current_dir(dir.path())
         .env("RUST_LOG", "warn")

@@ -37,6 +37,9 @@ pub enum RunError {
     },
     #[error("cannot open the spool at {dir}: {source}")]
     Spool { dir: String, source: std::io::Error },
+    /// Another process has the spool open (exit status 1, and the message names its PID).
+    #[error("cannot start: the spool {0}")]
+    SpoolLocked(spool::Locked),
     #[error("listener {0}: {1}")]
     Tls(std::net::SocketAddr, tls::TlsError),
     #[error(transparent)]
@@ -94,9 +97,12 @@ pub async fn run(
         ));
     }
     let (spool, recovered) = spool::Spool::open(&config.queue.dir, config.queue.max_messages)
-        .map_err(|source| RunError::Spool {
-            dir: config.queue.dir.display().to_string(),
-            source,
+        .map_err(|e| match e {
+            spool::OpenError::Locked(locked) => RunError::SpoolLocked(locked),
+            spool::OpenError::Io(source) => RunError::Spool {
+                dir: config.queue.dir.display().to_string(),
+                source,
+            },
         })?;
     info!(
         spool = %config.queue.dir.display(),
@@ -107,6 +113,7 @@ pub async fn run(
     );
     let spool = Arc::new(spool);
     let metrics = Arc::new(metrics::Metrics::new());
+    metrics.spool_corrupt.inc_by(recovered.quarantined as u64);
     let forwarder = forward::Forwarder::new(config.clone(), spool.clone(), metrics.clone())?;
     let inbound = Arc::new(smtp::listener::Inbound::new(
         config.clone(),

@@ -383,6 +383,15 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Said before binding: a second relay started with the same config would otherwise
+            // only report that its ports are taken. (`run` takes the lock for real.)
+            if let Err(exorelay::spool::OpenError::Locked(locked)) =
+                exorelay::spool::SpoolLock::probe(&config.queue.dir)
+            {
+                let e = exorelay::RunError::SpoolLocked(locked);
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
             runtime.block_on(async move {
                 let listeners = match exorelay::bind_listeners(&config).await {
                     Ok(l) => l,

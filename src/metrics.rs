@@ -57,6 +57,7 @@ pub struct Metrics {
     pub queue_oldest_age: Gauge<f64, AtomicU64>,
     pub held: Gauge,
     pub spare_files: Gauge,
+    pub spool_corrupt: Counter,
     pub smtp_sessions: Counter,
     pub smtp_active_sessions: Gauge,
     pub smtp_auth_failures: Counter,
@@ -89,6 +90,7 @@ impl Metrics {
             queue_oldest_age: Gauge::default(),
             held: Gauge::default(),
             spare_files: Gauge::default(),
+            spool_corrupt: Counter::default(),
             smtp_sessions: Counter::default(),
             smtp_active_sessions: Gauge::default(),
             smtp_auth_failures: Counter::default(),
@@ -142,6 +144,11 @@ impl Metrics {
             "spool_spare_files",
             "Files kept in the spool's tmp/ for the next messages to reuse",
             m.spare_files.clone(),
+        );
+        registry.register(
+            "spool_corrupt",
+            "Messages moved to corrupt/ (unreadable, or a body failing its length/CRC32C check); never delivered",
+            m.spool_corrupt.clone(),
         );
         registry.register(
             "smtp_sessions",

@@ -494,3 +494,137 @@ fn check_refuses_allowed_networks_with_public_addresses() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("open relay"), "{stderr}");
 }
+
+/// Waits for `child` to exit within `limit`; kills it and fails the test otherwise.
+fn exit_within(child: &mut Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} was still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A second relay on the same spool would deliver and recycle the first one's mail: it must
+/// refuse to start, with exit status 1 and a message naming the first one's PID, whether it
+/// was given the same config (same ports) or only the same spool.
+#[test]
+fn a_second_relay_on_the_same_spool_exits_1_naming_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = config_for(dir.path(), port, "");
+    let relay = Relay::start(&config, dir.path(), port, "relay.log");
+    let first_pid = relay.child.id();
+    let other_ports = dir.path().join("other-ports.toml");
+    std::fs::write(
+        &other_ports,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(&format!(":{port}"), &format!(":{}", free_port())),
+    )
+    .unwrap();
+    for second_config in [&config, &other_ports] {
+        let mut second = Command::new(BIN)
+            .args(["run", "--config", second_config.to_str().unwrap()])
+            .current_dir(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = exit_within(&mut second, Duration::from_secs(20), "the second relay");
+        let mut output = String::new();
+        second
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut output)
+            .unwrap();
+        second
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut output)
+            .unwrap();
+        assert_eq!(status.code(), Some(1), "{output}");
+        assert!(
+            output.contains(&format!("PID {first_pid}")),
+            "the message should name the first relay: {output}"
+        );
+    }
+    // The first relay still works.
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    send_one(addr, "after-the-second", None).unwrap();
+    let capture = dir.path().join("capture");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while captured_subjects(&capture).get("after-the-second") != Some(&1) {
+        assert!(Instant::now() < deadline, "not delivered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(relay.sigterm().success());
+}
+
+/// Every spool file is 0600 and folder 0700, every captured file 0640 and the capture folder
+/// 0750, whatever the umask the relay was started with.
+#[test]
+fn files_and_folders_get_their_modes_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+    fn walk(p: &Path, out: &mut Vec<PathBuf>) {
+        out.push(p.to_path_buf());
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).unwrap() {
+                walk(&e.unwrap().path(), out);
+            }
+        }
+    }
+    for umask in ["000", "077"] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = config_for(dir.path(), port, "");
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask {umask}; exec \"$0\" run --config \"$1\" 2>relay.log"
+            ))
+            .arg(BIN)
+            .arg(&config)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !support::greets(port) {
+            assert!(Instant::now() < deadline, "relay did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        send_one(addr, "modes", None).unwrap();
+        let capture = dir.path().join("capture");
+        while captured_subjects(&capture).get("modes") != Some(&1) {
+            assert!(Instant::now() < deadline, "not delivered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut spool = Vec::new();
+        walk(&dir.path().join("spool"), &mut spool);
+        assert!(spool.iter().any(|p| p.is_file()), "no file in the spool");
+        for p in &spool {
+            let want = if p.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(mode(p), want, "umask {umask}: {}", p.display());
+        }
+        let mut captured = Vec::new();
+        walk(&capture, &mut captured);
+        for p in &captured {
+            let want = if p.is_dir() { 0o750 } else { 0o640 };
+            assert_eq!(mode(p), want, "umask {umask}: {}", p.display());
+        }
+        unsafe_kill(child.id(), 15);
+        assert!(child.wait().unwrap().success());
+    }
+}

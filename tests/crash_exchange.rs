@@ -203,6 +203,11 @@ async fn kill_9_under_load_toward_exchange_loses_nothing() {
     // Killed transfers leave no stray file: everything in tmp/ is a spare kept for reuse.
     let strays = support::strays_in_tmp(&dir.path().join("spool/tmp"), http_port);
     assert!(strays.is_empty(), "stray files in tmp/: {strays:?}");
+    // Every body passed its length/CRC32C check at each restart and before each attempt.
+    let quarantined = std::fs::read_dir(dir.path().join("spool/corrupt"))
+        .unwrap()
+        .count();
+    assert_eq!(quarantined, 0, "files moved to corrupt/");
     let _ = Command::new("kill").arg(child.id().to_string()).status();
     let _ = child.wait();
 }

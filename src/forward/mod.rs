@@ -46,7 +46,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{AccountKind, Config, DsnTo};
 use crate::metrics::{FailedLabels, Metrics};
-use crate::spool::{Area, Meta, RecipientStatus, Spool};
+use crate::spool::{Area, Checked, Meta, RecipientStatus, Spool};
 use crate::upstream::capture::Capture;
 use crate::upstream::exchange::Exchange;
 use crate::upstream::{AccountSignal, Job, Upstream};
@@ -745,6 +745,22 @@ async fn attempt(
             Err(_) => return gone(None),
         }
     };
+    // The body must be the one its meta describes before any byte of it goes upstream.
+    match spool.check_before_delivery(&meta).await {
+        Checked::Sound => {}
+        Checked::Quarantined(_) => {
+            ctx.metrics.spool_corrupt.inc();
+            return gone(None);
+        }
+        Checked::Unreadable(e) => {
+            error!(queue_id = %id, error = %e, "cannot check the queued body; not sent, will retry");
+            let delay = backoff::delay(config.queue.retry_initial, config.queue.retry_max, 1);
+            return Done {
+                retry_at: Some(Instant::now() + delay),
+                ..gone(None)
+            };
+        }
+    }
     let job = Job {
         meta: &meta,
         body: spool.body_path(id),

@@ -24,6 +24,10 @@ pub struct Meta {
     pub client: Client,
     /// Size of the spooled body in bytes (including the `Received:` header we added).
     pub size: u64,
+    /// CRC32C of the spooled body. With `size`, checked before every delivery attempt and at
+    /// recovery; absent in metas written before it existed, whose bodies cannot be checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crc32c: Option<u32>,
     /// The client declared or sent 8-bit data.
     #[serde(default)]
     pub eight_bit: bool,
@@ -38,6 +42,9 @@ pub struct Meta {
     /// counts from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requeued_at: Option<DateTime<Utc>>,
+    /// When an administrator deleted the message: `keep_deleted` counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,11 +96,13 @@ impl Meta {
                 .collect(),
             client,
             size: 0,
+            crc32c: None,
             eight_bit: false,
             smtputf8: false,
             attempts: 0,
             next_attempt_at: None,
             requeued_at: None,
+            deleted_at: None,
         }
     }
 
@@ -144,13 +153,38 @@ mod tests {
                 tls: false,
             },
             size: 42,
+            crc32c: Some(0xE306_9283),
             eight_bit: true,
             smtputf8: false,
             attempts: 0,
             next_attempt_at: None,
             requeued_at: None,
+            deleted_at: Some(Utc::now()),
         };
         assert_eq!(Meta::decode(&m.encode()), Ok(m));
         assert!(Meta::decode(b"{not json").is_err());
+    }
+
+    /// A meta written before checksums and deletion times existed still loads: its body is
+    /// simply not checkable.
+    #[test]
+    fn metas_from_before_checksums_load() {
+        let old = br#"{
+  "version": 1,
+  "id": "0123456789ABCDEF0",
+  "received_at": "2026-11-20T10:00:00Z",
+  "account": "local",
+  "mail_from": "scanner@printer.local",
+  "recipients": [{"address": "a@b.example", "status": "pending", "attempts": 0, "last_reply": null}],
+  "client": {"ip": "127.0.0.1", "helo": "x", "login": null, "tls": false},
+  "size": 42,
+  "eight_bit": false,
+  "smtputf8": false,
+  "attempts": 0,
+  "next_attempt_at": null
+}"#;
+        let m = Meta::decode(old).unwrap();
+        assert_eq!((m.size, m.crc32c, m.deleted_at), (42, None, None));
+        assert!(!String::from_utf8(m.encode()).unwrap().contains("crc32c"));
     }
 }

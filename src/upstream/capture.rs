@@ -2,14 +2,21 @@
 //! `<ID>.json` (envelope, client, login) in a folder. Both are written under a temporary name,
 //! fsynced and renamed, so a reader never sees half a file; the `.json` appears last. Files are
 //! keyed by queue ID, so a repeated attempt after a crash replaces rather than duplicates.
+//! Files get mode 0640 and a folder created here 0750, whatever the umask: readable by the
+//! relay's group (a mail-reading tool), by no one else.
 
 use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::{Attempt, BoxFuture, Job, Outcome, Upstream};
 use crate::spool::{Client, Meta};
+
+/// Mode of captured files and of a capture folder created by the relay.
+const FILE_MODE: u32 = 0o640;
+const DIR_MODE: u32 = 0o750;
 
 pub struct Capture {
     dir: PathBuf,
@@ -30,16 +37,42 @@ struct Record<'a> {
 
 impl Capture {
     pub fn new(dir: PathBuf) -> io::Result<Capture> {
-        std::fs::create_dir_all(&dir)
+        let created = !dir.exists();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&dir)
+            .and_then(|()| {
+                // A folder the administrator made keeps the mode they gave it.
+                if created {
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(DIR_MODE))
+                } else {
+                    Ok(())
+                }
+            })
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
         Ok(Capture { dir })
+    }
+
+    /// A new file at `path` (replacing a leftover one) with [`FILE_MODE`].
+    fn create(path: &Path) -> io::Result<std::fs::File> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(FILE_MODE)
+            .open(path)?;
+        // The umask may have taken bits away, and a leftover file may have had another mode.
+        f.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
+        Ok(f)
     }
 
     fn write(dir: &Path, meta: &Meta, body: &Path, recipients: &[String]) -> io::Result<()> {
         let id = &meta.id;
         let eml_tmp = dir.join(format!(".{id}.eml.tmp"));
-        std::fs::copy(body, &eml_tmp)?;
-        std::fs::File::open(&eml_tmp)?.sync_all()?;
+        let mut eml = Self::create(&eml_tmp)?;
+        io::copy(&mut std::fs::File::open(body)?, &mut eml)?;
+        eml.sync_all()?;
         std::fs::rename(&eml_tmp, dir.join(format!("{id}.eml")))?;
 
         let record = Record {
@@ -55,7 +88,7 @@ impl Capture {
         };
         let json = serde_json::to_vec_pretty(&record).map_err(io::Error::other)?;
         let json_tmp = dir.join(format!(".{id}.json.tmp"));
-        let mut f = std::fs::File::create(&json_tmp)?;
+        let mut f = Self::create(&json_tmp)?;
         f.write_all(&json)?;
         f.write_all(b"\n")?;
         f.sync_all()?;
