@@ -117,6 +117,24 @@ async fn wait_delivered(fake: &FakeExchange, n: usize, secs: u64) -> Vec<Deliver
     }
 }
 
+/// Waits until the relay's first account is paused (its HTTP side must listen); returns the
+/// account as `/api/v1/accounts` shows it.
+async fn wait_paused(relay: &TestRelay, what: &str) -> serde_json::Value {
+    let api = format!(
+        "http://{}/api/v1/accounts",
+        relay.http.expect("[http] listen")
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
+        if v["accounts"][0]["state"] == "paused" {
+            return v["accounts"][0].clone();
+        }
+        assert!(Instant::now() < deadline, "{what}: never paused: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_spool_empty(relay: &TestRelay) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::read_dir(relay.path("spool/queue"))
@@ -978,16 +996,7 @@ async fn failures_before_the_envelope_pause_and_never_bounce() {
             b"Subject: before the envelope\r\n\r\nx\r\n",
         )
         .await;
-        let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let account = loop {
-            let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
-            if v["accounts"][0]["state"] == "paused" {
-                break v["accounts"][0].clone();
-            }
-            assert!(Instant::now() < deadline, "{name}: never paused: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+        let account = wait_paused(&relay, name).await;
         let text = account["advice"].to_string();
         assert!(text.contains(advice), "{name}: advice {text}");
         // The same advice on the status page and in the log.
@@ -1049,21 +1058,12 @@ async fn an_untrusted_server_certificate_pauses_with_tls_inspection_advice() {
         b"Subject: t\r\n\r\nx\r\n",
     )
     .await;
-    let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
-        if v["accounts"][0]["state"] == "paused" {
-            let text = v["accounts"][0]["advice"].to_string();
-            assert!(
-                text.contains("TLS inspection") && text.contains("ca_file"),
-                "{text}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "never paused: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let account = wait_paused(&relay, "account").await;
+    let text = account["advice"].to_string();
+    assert!(
+        text.contains("TLS inspection") && text.contains("ca_file"),
+        "{text}"
+    );
     assert!(
         relay
             .path("spool/queue")
@@ -1234,7 +1234,6 @@ async fn transaction_replies_take_their_table_action() {
         let cfg = relay_config(&account(&fake, &c, "secret", ""), "")
             + "\n[http]\nlisten = \"127.0.0.1:0\"\n";
         let relay = TestRelay::start(&cfg).await;
-        let http = format!("http://{}", relay.http.unwrap());
         let id = submit(
             &relay,
             "scanner@printer.local",
@@ -1243,24 +1242,11 @@ async fn transaction_replies_take_their_table_action() {
         )
         .await;
         if action == "pause" {
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                let v: serde_json::Value = reqwest::get(format!("{http}/api/v1/accounts"))
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                if v["accounts"][0]["state"] == "paused" {
-                    assert!(
-                        v["accounts"][0]["advice"].to_string().contains(advice),
-                        "{reply}: {v}"
-                    );
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{reply}: never paused: {v}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let account = wait_paused(&relay, reply).await;
+            assert!(
+                account["advice"].to_string().contains(advice),
+                "{reply}: {account}"
+            );
             // Not bounced: the probe delivers once the fault is gone (it was a one-off).
             let got = wait_delivered(&fake, 1, 20).await;
             assert_eq!(got.len(), 1, "{reply}: no DSN");
@@ -1331,22 +1317,12 @@ async fn an_untrusted_token_endpoint_certificate_pauses_with_tls_inspection_advi
         b"Subject: t\r\n\r\nx\r\n",
     )
     .await;
-    let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
-        if v["accounts"][0]["state"] == "paused" {
-            let text = v["accounts"][0]["advice"].to_string();
-            assert!(
-                text.contains("TLS inspection")
-                    && text.contains(&format!("127.0.0.1:{proxy_port}")),
-                "{text}"
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "never paused: {v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let account = wait_paused(&relay, "account").await;
+    let text = account["advice"].to_string();
+    assert!(
+        text.contains("TLS inspection") && text.contains(&format!("127.0.0.1:{proxy_port}")),
+        "{text}"
+    );
 }
 
 /// Entra's refusals that need an administrator: each pauses the account (mail stays queued)
@@ -1378,22 +1354,13 @@ async fn token_endpoint_refusals_pause_with_their_fix() {
             b"Subject: t\r\n\r\nx\r\n",
         )
         .await;
-        let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let v: serde_json::Value = reqwest::get(&api).await.unwrap().json().await.unwrap();
-            if v["accounts"][0]["state"] == "paused" {
-                let advice = v["accounts"][0]["advice"].to_string();
-                assert!(
-                    advice.contains(&format!("AADSTS{code}")) || code == 530035,
-                    "{code}: {advice}"
-                );
-                assert!(advice.contains(fix), "{code}: {advice}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "{code}: never paused: {v}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let account = wait_paused(&relay, &format!("{code}")).await;
+        let advice = account["advice"].to_string();
+        assert!(
+            advice.contains(&format!("AADSTS{code}")) || code == 530035,
+            "{code}: {advice}"
+        );
+        assert!(advice.contains(fix), "{code}: {advice}");
         assert!(
             relay
                 .path("spool/queue")

@@ -19,6 +19,12 @@ struct Http {
 
 impl Http {
     async fn start(extra_relay: &str, queue_extra: &str) -> Http {
+        Http::start_full(extra_relay, queue_extra, "").await
+    }
+
+    /// A relay with the admin token set, `extra_relay` / `queue_extra` / `http_extra` added to
+    /// those sections; returns once the HTTP side answers.
+    async fn start_full(extra_relay: &str, queue_extra: &str, http_extra: &str) -> Http {
         init_logs();
         let token_dir = tempfile::tempdir().unwrap();
         let token_file = token_dir.path().join("admin.token");
@@ -26,7 +32,7 @@ impl Http {
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let cfg = basic_config(extra_relay).replace("[queue]", &format!("[queue]\n{queue_extra}"))
             + &format!(
-                "\n[http]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = \"{}\"\n",
+                "\n[http]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = \"{}\"\n{http_extra}\n",
                 token_file.display()
             );
         let relay = TestRelay::start(&cfg).await;
@@ -1012,33 +1018,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 impl Http {
     /// Like `start`, with extra `[http]` keys.
     async fn start_with(http_extra: &str) -> Http {
-        init_logs();
-        let token_dir = tempfile::tempdir().unwrap();
-        let token_file = token_dir.path().join("admin.token");
-        std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let cfg = basic_config("")
-            + &format!(
-                "\n[http]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = \"{}\"\n{http_extra}\n",
-                token_file.display()
-            );
-        let relay = TestRelay::start(&cfg).await;
-        let base = format!("http://{}", relay.http.expect("http side bound"));
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while client.get(format!("{base}/healthz")).send().await.is_err() {
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Http {
-            relay,
-            base,
-            client,
-            _token_dir: token_dir,
-        }
+        Http::start_full("", "", http_extra).await
     }
 
     fn addr(&self) -> std::net::SocketAddr {
