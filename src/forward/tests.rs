@@ -325,3 +325,32 @@ async fn signals_while_paused_by_the_admin_are_overridden_by_resume() {
     );
     assert_eq!(h.queued(), 0);
 }
+
+/// A hold sent while the just-committed message may still be on its way to the forwarder: either
+/// the hold wins (held, never attempted) or the attempt had started (hold refused, delivered);
+/// never both, and nothing is left behind in `queue/`. The forwarder takes in committed messages
+/// before it runs a command, and the body check stops an attempt whose body moved away.
+#[tokio::test(start_paused = true)]
+async fn a_hold_right_after_the_commit_is_not_raced_by_the_first_attempt() {
+    for _ in 0..8 {
+        // Committed before the forwarder runs: it sits in the channel beside the command.
+        let h = start_delayed(Vec::new(), 1).await;
+        let id = h.spool.ids(Area::Queue).unwrap()[0].clone();
+        let held = h.control.send(Command::Hold(id.clone())).await;
+        h.run_for(30).await;
+        assert_eq!(h.queued(), 0, "a ghost was left in queue/");
+        match held {
+            // Taken in first: held, never attempted.
+            Ok(_) => {
+                assert!(h.script.calls().is_empty(), "a held message was attempted");
+                assert_eq!(h.spool.locate(&id), Some(Area::Hold));
+            }
+            // Or its attempt had already started: the hold is refused and it is delivered.
+            Err(ControlError::Conflict(_)) => {
+                assert_eq!(h.script.calls().len(), 1);
+                assert_eq!(h.spool.locate(&id), None);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
