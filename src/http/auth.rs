@@ -274,7 +274,7 @@ pub fn is_loopback_host(host: &str) -> bool {
 /// This request's own origin, `scheme://host`, from its `Host` header.
 fn own_origin(state: &AppState, headers: &HeaderMap) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
-    let scheme = if state.config.http.tls.is_some() {
+    let scheme = if state.config().http.tls.is_some() {
         "https"
     } else {
         "http"
@@ -310,7 +310,7 @@ pub fn same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal>
 
 /// Who may read: the admin token, a session, or (loopback only, loopback `Host`) anyone.
 pub fn read_credential(state: &AppState, headers: &HeaderMap) -> Result<Credential, Refusal> {
-    if let (Some(given), Some(expected)) = (bearer(headers), state.token.as_deref()) {
+    if let (Some(given), Some(expected)) = (bearer(headers), state.token().as_deref()) {
         return if same_secret(expected, given) {
             Ok(Credential::Bearer)
         } else {
@@ -341,7 +341,8 @@ pub fn read_credential(state: &AppState, headers: &HeaderMap) -> Result<Credenti
 /// Who may change things: the admin token, or a session from this origin. The CSRF token is
 /// checked by the caller, which knows where the request carries it.
 fn write_credential(state: &AppState, headers: &HeaderMap) -> Result<Credential, Refusal> {
-    let Some(expected) = state.token.as_deref() else {
+    let token = state.token();
+    let Some(expected) = token.as_deref() else {
         return Err(refuse(
             StatusCode::FORBIDDEN,
             "state-changing calls are disabled: set [http] admin_token_file in the config",
