@@ -8,8 +8,8 @@
 //! - settings that cannot change while the relay runs ([`NEEDS_RESTART`]: the spool and the
 //!   HTTP side's socket, TLS and limits) are refused, naming the field and "restart exorelay";
 //! - everything that can fail is done before anything changes: new SMTP listeners are bound,
-//!   every TLS listener's certificate is read again, upstreams of new and changed accounts are
-//!   built. If any step fails, what was prepared is dropped (sockets closed) and the old config
+//!   every TLS listener's certificate is read again, an upstream is built for each account
+//!   (which reads its credential file). If any step fails, what was prepared is dropped (sockets closed) and the old config
 //!   stays entirely. Only then is the new config handed to each part (all or nothing);
 //! - sessions in progress keep the settings they were accepted with, so none is dropped; a
 //!   listener whose address is gone stops accepting, its open sessions finish normally; a
@@ -112,7 +112,7 @@ pub struct Plan {
     pub listeners: Vec<ListenerPlan>,
     /// Indices of running listeners whose address is no longer configured.
     pub removed_listeners: Vec<usize>,
-    /// Accounts to build a new upstream for (new or changed).
+    /// Accounts that are new or whose settings changed (they get a new upstream).
     pub rebuilt_accounts: Vec<String>,
     /// Whether credential expiry checks must start over (accounts or their notices changed).
     pub lifecycle: bool,
@@ -440,15 +440,17 @@ impl Reloader {
                 sockets.push(None);
             }
         }
+        // One per account: the forwarder gives them to new, changed and paused accounts.
         let mut upstreams = std::collections::HashMap::new();
-        for name in &plan.rebuilt_accounts {
-            let upstream = forward::upstream_for(&new, name, &self.metrics).map_err(|source| {
-                ReloadError::Account {
-                    file: file.clone(),
-                    source,
-                }
-            })?;
-            upstreams.insert(name.clone(), upstream);
+        for a in &new.accounts {
+            let upstream =
+                forward::upstream_for(&new, &a.name, &self.metrics).map_err(|source| {
+                    ReloadError::Account {
+                        file: file.clone(),
+                        source,
+                    }
+                })?;
+            upstreams.insert(a.name.clone(), upstream);
         }
         let inbound = self.inbound.prepare(new.clone());
         let http = self.http.as_ref().map(|_| HttpSettings::new(new.clone()));
@@ -457,6 +459,7 @@ impl Reloader {
         let reconfigure = forward::Reconfigure {
             config: new.clone(),
             upstreams,
+            changed: plan.rebuilt_accounts.clone(),
         };
         match self
             .control

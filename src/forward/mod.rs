@@ -128,12 +128,14 @@ pub enum Command {
     Reconfigure(Reconfigure),
 }
 
-/// A reloaded config with the upstreams of its new and changed accounts, built beforehand so
-/// that applying it cannot fail.
+/// A reloaded config with a fresh upstream for each of its accounts, built beforehand so that
+/// applying it cannot fail. Only new, changed (`changed`) and paused accounts take theirs; the
+/// others keep their upstream and its cached token.
 #[derive(Clone)]
 pub struct Reconfigure {
     pub config: Arc<Config>,
     pub upstreams: HashMap<String, Arc<dyn Upstream>>,
+    pub changed: Vec<String>,
 }
 
 impl std::fmt::Debug for Reconfigure {
@@ -142,7 +144,8 @@ impl std::fmt::Debug for Reconfigure {
         rebuilt.sort();
         f.debug_struct("Reconfigure")
             .field("config", &self.config.source)
-            .field("rebuilt", &rebuilt)
+            .field("upstreams", &rebuilt)
+            .field("changed", &self.changed)
             .finish()
     }
 }
@@ -151,6 +154,7 @@ impl std::fmt::Debug for Reconfigure {
 impl PartialEq for Reconfigure {
     fn eq(&self, other: &Reconfigure) -> bool {
         Arc::ptr_eq(&self.config, &other.config)
+            && self.changed == other.changed
             && self.upstreams.len() == other.upstreams.len()
             && self
                 .upstreams
@@ -574,6 +578,7 @@ impl Forwarder {
         let Reconfigure {
             config,
             mut upstreams,
+            changed,
         } = r;
         let old = std::mem::replace(&mut self.config, config.clone());
         let mut retried = Vec::new();
@@ -583,9 +588,9 @@ impl Forwarder {
                 .iter()
                 .find(|o| o.name == a.name)
                 .is_some_and(|o| o.max_connections != a.max_connections);
-            let rebuilt = upstreams.remove(&a.name);
+            let fresh = upstreams.remove(&a.name);
             let Some(lane) = self.lanes.get_mut(&a.name) else {
-                let Some(upstream) = rebuilt else {
+                let Some(upstream) = fresh else {
                     continue;
                 };
                 let lane = Lane::new(upstream, a.max_connections);
@@ -600,11 +605,15 @@ impl Forwarder {
             }
             let paused_by_error = matches!(lane.state.state, account::State::Paused { .. });
             let by_admin = matches!(lane.state.state, account::State::PausedByAdmin);
-            let changed = rebuilt.is_some();
-            if let Some(upstream) = rebuilt {
+            let is_changed = changed.contains(&a.name);
+            // A paused account's upstream remembers its failed token request (and backs off);
+            // a fresh one asks Entra again with the credential file as it is now.
+            if (is_changed || paused_by_error)
+                && let Some(upstream) = fresh
+            {
                 lane.upstream = upstream;
             }
-            if (changed && !by_admin) || paused_by_error {
+            if (is_changed && !by_admin) || paused_by_error {
                 retried.push(a.name.clone());
             }
         }
