@@ -633,3 +633,107 @@ async fn account_state(api: &str) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+#[tokio::test]
+async fn a_renewed_certificate_is_used_by_new_sessions() {
+    let (relay, _token) = relay_with_api(&format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+tls = "starttls"
+cert = "{{cert}}"
+key = "{{key}}"
+{}"#,
+        basic_config("")
+            .split_once("plaintext_auth = true\n")
+            .unwrap()
+            .1
+    ))
+    .await;
+    // The certificate files are replaced in place (as certbot or an administrator would).
+    let renewed = make_cert(relay.dir.path());
+    let (status, v) = reload(&relay, |t| t).await;
+    assert_eq!(status, 200, "{v}");
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO printer", "250").await;
+    c.cmd("STARTTLS", "220").await;
+    // Trusting only the renewed certificate: the handshake succeeds only if it is served.
+    let mut c = c.into_tls(&renewed.cert_pem).await;
+    c.cmd("EHLO printer", "250").await;
+    c.send_mail(
+        "a@printer.local",
+        &["b@example.com"],
+        b"Subject: tls\r\n\r\nx\r\n",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_port_in_use_refuses_the_whole_reload() {
+    let (relay, _token) = relay_with_api(&basic_config("")).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let (status, v) = reload(&relay, |t| {
+        t.replace("hostname = \"relay.test\"", "hostname = \"relay2.test\"")
+            .replacen(
+                "[relay]",
+                &format!("[[listener]]\naddress = \"127.0.0.1:{port}\"\n[relay]"),
+                1,
+            )
+    })
+    .await;
+    assert_eq!(status, 409, "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains(&format!("listener 127.0.0.1:{port}: cannot listen")),
+        "{e}"
+    );
+    // Nothing of it was applied: the hostname is the old one.
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220 relay.test").await;
+}
+
+#[tokio::test]
+async fn mail_of_a_removed_account_goes_through_the_default_account() {
+    let body = basic_config("").replace(
+        "[[user]]\nname = \"scanner\"\npassword_hash = \"{hash}\"\n",
+        "[[user]]\nname = \"scanner\"\npassword_hash = \"{hash}\"\naccount = \"other\"\n",
+    ) + "[[account]]\nname = \"other\"\nkind = \"capture\"\ndir = \"{dir}/other\"\n";
+    let (relay, _token) = relay_with_api(&body).await;
+    // "other" cannot deliver (a file where its folder should be): its mail stays queued.
+    let other = relay.path("other");
+    wait_exists(&other).await;
+    std::fs::remove_dir_all(&other).unwrap();
+    std::fs::write(&other, b"not a folder").unwrap();
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO printer", "250").await;
+    use base64::Engine;
+    let plain = base64::engine::general_purpose::STANDARD.encode(format!("\0scanner\0{PASSWORD}"));
+    c.cmd(&format!("AUTH PLAIN {plain}"), "235").await;
+    let id = c
+        .send_mail(
+            "a@printer.local",
+            &["b@example.com"],
+            b"Subject: orphan\r\n\r\nx\r\n",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(relay.path(&format!("spool/queue/{id}.json")).exists());
+
+    let (status, v) = reload(&relay, |t| {
+        t.replace("account = \"other\"\n", "").replace(
+            "[[account]]\nname = \"other\"\nkind = \"capture\"\ndir = \"",
+            "# removed: ",
+        )
+    })
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["changes"].to_string().contains("account other removed"),
+        "{v}"
+    );
+    let captured = wait_captured(&relay.path("capture"), 1).await;
+    assert_eq!(captured[0].0, id);
+}
