@@ -8,8 +8,8 @@
 //! - settings that cannot change while the relay runs ([`NEEDS_RESTART`]: the spool and the
 //!   HTTP side's socket, TLS and limits) are refused, naming the field and "restart exorelay";
 //! - everything that can fail is done before anything changes: new SMTP listeners are bound,
-//!   every TLS listener's certificate is read again, an upstream is built for each account
-//!   (which reads its credential file). If any step fails, what was prepared is dropped (sockets closed) and the old config
+//!   every TLS listener's certificate is read again, the upstreams of new and changed accounts
+//!   are built (which reads their credential files). If any step fails, what was prepared is dropped (sockets closed) and the old config
 //!   stays entirely. Only then is the new config handed to each part (all or nothing);
 //! - sessions in progress keep the settings they were accepted with, so none is dropped; a
 //!   listener whose address is gone stops accepting, its open sessions finish normally; a
@@ -440,17 +440,24 @@ impl Reloader {
                 sockets.push(None);
             }
         }
-        // One per account: the forwarder gives them to new, changed and paused accounts.
+        // New and changed accounts must have an upstream, or the reload is refused. Unchanged
+        // ones get one too where it can be built (the forwarder gives it to a paused account,
+        // whose old upstream remembers its failure); where it cannot, they keep theirs, and
+        // their trouble does not block the reload.
         let mut upstreams = std::collections::HashMap::new();
         for a in &new.accounts {
-            let upstream =
-                forward::upstream_for(&new, &a.name, &self.metrics).map_err(|source| {
-                    ReloadError::Account {
+            match forward::upstream_for(&new, &a.name, &self.metrics) {
+                Ok(upstream) => {
+                    upstreams.insert(a.name.clone(), upstream);
+                }
+                Err(source) if plan.rebuilt_accounts.contains(&a.name) => {
+                    return Err(ReloadError::Account {
                         file: file.clone(),
                         source,
-                    }
-                })?;
-            upstreams.insert(a.name.clone(), upstream);
+                    });
+                }
+                Err(_) => {}
+            }
         }
         let inbound = self.inbound.prepare(new.clone());
         let http = self.http.as_ref().map(|_| HttpSettings::new(new.clone()));

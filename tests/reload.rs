@@ -737,3 +737,192 @@ async fn mail_of_a_removed_account_goes_through_the_default_account() {
     let captured = wait_captured(&relay.path("capture"), 1).await;
     assert_eq!(captured[0].0, id);
 }
+
+#[tokio::test]
+async fn reloads_run_one_at_a_time() {
+    let (relay, _token) = relay_with_api(&basic_config("")).await;
+    let port = free_port();
+    let path = relay.path("exorelay.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replacen(
+            "[relay]",
+            &format!("[[listener]]\naddress = \"127.0.0.1:{port}\"\n[relay]"),
+            1,
+        ),
+    )
+    .unwrap();
+    // Run side by side, two reloads would both bind the new port and one would fail.
+    let url = format!("http://{}/api/v1/reload", relay.http.unwrap());
+    let calls: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = reqwest::Client::new()
+                    .post(url)
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        })
+        .collect();
+    let mut added = 0;
+    for c in calls {
+        let (status, body) = c.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        added += usize::from(body.contains("added"));
+    }
+    assert_eq!(added, 1, "the listener was added more than once");
+    let mut c = Dialog::connect(([127, 0, 0, 1], port).into()).await;
+    c.expect("220").await;
+}
+
+#[tokio::test]
+async fn an_administrators_pause_survives_a_reload_and_the_admin_token_is_read_again() {
+    let (relay, token) = relay_with_api(&basic_config("")).await;
+    let base = format!("http://{}", relay.http.unwrap());
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{base}/api/v1/accounts/local/pause"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The account changes (a new capture folder) and the admin token is replaced.
+    let new_token = "a-new-admin-token-fedcba9876543210";
+    write_private(
+        &token.path().join("admin.token"),
+        format!("{new_token}\n").as_bytes(),
+    );
+    let (status, v) = reload(&relay, |t| t.replace("/capture\"", "/capture2\"")).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["changes"].to_string().contains("account local changed"),
+        "{v}"
+    );
+    let api = format!("{base}/api/v1/accounts");
+    // Still paused: mail sent now waits for the administrator.
+    assert_eq!(account_state(&api).await, "paused");
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO printer", "250").await;
+    let id = c
+        .send_mail(
+            "a@printer.local",
+            &["b@example.com"],
+            b"Subject: new dir\r\n\r\nx\r\n",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(relay.path(&format!("spool/queue/{id}.json")).exists());
+    let old = http
+        .post(format!("{base}/api/v1/accounts/local/resume"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(old.status(), 401);
+    let new = http
+        .post(format!("{base}/api/v1/accounts/local/resume"))
+        .bearer_auth(new_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(new.status(), 200);
+    let captured = wait_captured(&relay.path("capture2"), 1).await;
+    assert_eq!(captured[0].0, id);
+}
+
+#[tokio::test]
+async fn new_queue_settings_apply_to_the_next_decision() {
+    let (relay, _token) = relay_with_api(&basic_config("")).await;
+    let capture = break_capture(&relay).await;
+    let mut c = Dialog::connect(relay.addr()).await;
+    c.expect("220").await;
+    c.cmd("EHLO printer", "250").await;
+    let id = c
+        .send_mail(
+            "a@printer.local",
+            &["b@example.com"],
+            b"Subject: old\r\n\r\nx\r\n",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(relay.path(&format!("spool/queue/{id}.json")).exists());
+    // Its next attempt is judged by the new max_age: it is older than that, so it fails.
+    let (status, v) = reload(&relay, |t| {
+        t.replace("[queue]", "[queue]\nmax_age = \"1s\"")
+    })
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let failed = relay.path(&format!("spool/failed/{id}.json"));
+    eventually("the message expires under the new max_age", || {
+        failed.exists()
+    })
+    .await;
+    repair_capture(&capture);
+}
+
+#[tokio::test]
+async fn a_new_secret_expiry_date_replaces_the_warning() {
+    let fake = FakeExchange::start().await;
+    let creds = tempfile::tempdir().unwrap();
+    let secret = creds.path().join("contoso.secret");
+    write_private(&secret, format!("{SECRET}\n").as_bytes());
+    let soon = (chrono::Utc::now() + chrono::Duration::days(5)).date_naive();
+    let later = (chrono::Utc::now() + chrono::Duration::days(700)).date_naive();
+    let body = format!(
+        r#"
+[[listener]]
+address = "127.0.0.1:0"
+[relay]
+allowed_networks = ["127.0.0.1/32"]
+[queue]
+dir = "{{dir}}/spool"
+[[account]]
+name = "contoso"
+kind = "exchange"
+mailbox = "{MAILBOX}"
+tenant = "{TENANT}"
+client_id = "{CLIENT_ID}"
+client_secret_file = "{}"
+client_secret_expires = "{soon}"
+authority_url = "{}"
+smtp_host = "127.0.0.1"
+smtp_port = {}
+"#,
+        secret.display(),
+        fake.authority(),
+        fake.smtp_addr.port(),
+    );
+    let (relay, _token) = relay_with_api(&body).await;
+    let api = format!("http://{}/api/v1/accounts", relay.http.unwrap());
+    let warnings = || async {
+        let v: serde_json::Value = reqwest::get(api.as_str())
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["accounts"][0]["credential_warnings"]
+            .as_array()
+            .map(Vec::len)
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while warnings().await == 0 {
+        assert!(Instant::now() < deadline, "no expiry warning");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, v) = reload(&relay, |t| t.replace(&soon.to_string(), &later.to_string())).await;
+    assert_eq!(status, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while warnings().await != 0 {
+        assert!(Instant::now() < deadline, "the old warning stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
