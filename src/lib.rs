@@ -79,7 +79,8 @@ pub async fn bind_listeners(config: &Config) -> Result<Listeners, RunError> {
 
 /// Runs the relay on already-bound `listeners` (one per `config.listeners`, same order) until
 /// `shutdown` is cancelled; then stops accepting, lets sessions finish within
-/// `relay.shutdown_grace` and returns. Queued mail stays in the spool.
+/// `relay.shutdown_grace` and returns. Queued mail stays in the spool. SIGHUP and
+/// `POST /api/v1/reload` reload `config.source` meanwhile (see [`reload`]).
 pub async fn run(
     config: Arc<Config>,
     listeners: Listeners,

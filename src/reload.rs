@@ -175,11 +175,12 @@ pub fn plan(old: &Config, new: &Config) -> Result<Plan, NeedsRestart> {
             }
         }
     }
+    let default = new.accounts.first().map(|a| a.name.as_str()).unwrap_or("");
     for o in &old.accounts {
         if !new.accounts.iter().any(|a| a.name == o.name) {
             p.changes.push(format!(
-                "account {} removed (its queued mail goes through account {})",
-                o.name, new.accounts[0].name
+                "account {} removed (its queued mail goes through account {default})",
+                o.name
             ));
         }
     }
