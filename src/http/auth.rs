@@ -109,6 +109,8 @@ struct Table {
     /// Per client as SMTP counts them (an IPv4 address, an IPv6 /64), so rotating addresses
     /// within one's own /64 does not reset the count.
     failures: HashMap<ClientKey, Failures>,
+    /// The SHA-256 of the admin token the sessions were opened with (see [`Sessions::bind`]).
+    token: Option<[u8; 32]>,
 }
 
 /// Sessions and login failures. Never blocks for long: every operation is a few map lookups.
@@ -145,6 +147,20 @@ impl Sessions {
         }
         t.sessions.insert(digest(&secret), session.clone());
         Ok((secret, session))
+    }
+
+    /// Ties the sessions to the admin token in force: when it differs from the one they were
+    /// opened with (a reload brought a new token), every session ends, so a rotated token also
+    /// logs out every status page.
+    pub fn bind(&self, token: Option<&str>) {
+        let current = token.map(digest);
+        let mut t = self.table();
+        if t.token != current {
+            if t.token.is_some() {
+                t.sessions.clear();
+            }
+            t.token = current;
+        }
     }
 
     /// The live session for `secret`, if any.
@@ -317,6 +333,7 @@ pub fn read_credential(state: &AppState, headers: &HeaderMap) -> Result<Credenti
             Err(refuse(StatusCode::UNAUTHORIZED, "wrong admin token"))
         };
     }
+    state.sessions.bind(state.token().as_deref());
     if let Some(secret) = cookie(headers, SESSION_COOKIE)
         && let Some(s) = state.sessions.get(&secret, Instant::now())
     {
@@ -356,6 +373,7 @@ fn write_credential(state: &AppState, headers: &HeaderMap) -> Result<Credential,
         };
     }
     if let Some(secret) = cookie(headers, SESSION_COOKIE) {
+        state.sessions.bind(Some(expected));
         let Some(session) = state.sessions.get(&secret, Instant::now()) else {
             return Err(refuse(
                 StatusCode::UNAUTHORIZED,
@@ -528,6 +546,24 @@ mod tests {
         }
         assert!(s.get(&first, t0).is_none());
         assert_eq!(s.table().sessions.len(), MAX_SESSIONS);
+    }
+
+    #[test]
+    fn a_new_admin_token_ends_every_session() {
+        let s = Sessions::default();
+        let t0 = Instant::now();
+        s.bind(Some("token-one"));
+        let (secret, _) = s.create(t0).unwrap();
+        s.bind(Some("token-one"));
+        assert!(s.get(&secret, t0).is_some(), "same token: still logged in");
+        s.bind(Some("token-two"));
+        assert!(s.get(&secret, t0).is_none(), "rotated token: logged out");
+        let (secret, _) = s.create(t0).unwrap();
+        s.bind(Some("token-two"));
+        assert!(
+            s.get(&secret, t0).is_some(),
+            "a login with the new token lasts"
+        );
     }
 
     #[test]

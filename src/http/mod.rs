@@ -83,6 +83,8 @@ impl AppState {
             .http
             .listen
             .is_some_and(|l| l.ip().is_loopback());
+        let sessions = auth::Sessions::default();
+        sessions.bind(live.get().token.as_deref());
         AppState {
             live,
             spool,
@@ -90,7 +92,7 @@ impl AppState {
             status,
             control,
             ready,
-            sessions: auth::Sessions::default(),
+            sessions,
             reloader,
             loopback,
         }
