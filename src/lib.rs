@@ -11,6 +11,7 @@ pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod oauth;
+pub mod reload;
 pub mod smtp;
 pub mod spool;
 pub mod submission;
@@ -21,12 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use config::{Config, TlsMode};
+use config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -79,7 +79,8 @@ pub async fn bind_listeners(config: &Config) -> Result<Listeners, RunError> {
 
 /// Runs the relay on already-bound `listeners` (one per `config.listeners`, same order) until
 /// `shutdown` is cancelled; then stops accepting, lets sessions finish within
-/// `relay.shutdown_grace` and returns. Queued mail stays in the spool.
+/// `relay.shutdown_grace` and returns. Queued mail stays in the spool. SIGHUP and
+/// `POST /api/v1/reload` reload `config.source` meanwhile (see [`reload`]).
 pub async fn run(
     config: Arc<Config>,
     listeners: Listeners,
@@ -123,32 +124,41 @@ pub async fn run(
 
     let sessions = TaskTracker::new();
     let deliveries = TaskTracker::new();
-    for (socket, lc) in listeners.into_iter().zip(config.listeners.iter()) {
-        let acceptor = match lc.tls {
-            TlsMode::None => None,
-            _ => Some(TlsAcceptor::from(
-                tls::load_server_config(lc).map_err(|e| RunError::Tls(lc.address, e))?,
-            )),
-        };
-        info!(address = %socket.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = ?lc.tls, auth = ?lc.auth, "listening");
-        sessions.spawn(smtp::listener::serve(
-            socket,
-            lc.clone(),
-            acceptor,
-            inbound.clone(),
-            shutdown.clone(),
-            sessions.clone(),
-        ));
-    }
+    let background = TaskTracker::new();
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let http_task = http_listener.map(|l| {
-        let state = Arc::new(http::AppState::new(
+    let http_live = http_listener
+        .as_ref()
+        .map(|_| Arc::new(reload::Live::new(http::HttpSettings::new(config.clone()))));
+    // The SMTP accept loops, the credential-expiry watcher and every later reload.
+    let reloader = Arc::new(
+        reload::Reloader::start(
             config.clone(),
+            listeners,
+            reload::Parts {
+                inbound,
+                http: http_live.clone(),
+                control: forwarder.control(),
+                metrics: metrics.clone(),
+                spool: spool.clone(),
+                status: forwarder.status(),
+                shutdown: shutdown.clone(),
+                sessions: sessions.clone(),
+                background: background.clone(),
+            },
+        )
+        .map_err(|(address, e)| RunError::Tls(address, e))?,
+    );
+    metrics.config_loaded();
+    tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
+    let http_task = http_listener.zip(http_live).map(|(l, live)| {
+        let state = Arc::new(http::AppState::new(
+            live,
             spool.clone(),
             metrics.clone(),
             forwarder.status(),
             forwarder.control(),
             ready.clone(),
+            Some(reloader.clone()),
         ));
         info!(address = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "HTTP side listening");
         let token = shutdown.clone();
@@ -158,13 +168,6 @@ pub async fn run(
             }
         })
     });
-    let lifecycle_task = tokio::spawn(lifecycle::watch(
-        config.clone(),
-        spool.clone(),
-        metrics.clone(),
-        forwarder.status(),
-        shutdown.clone(),
-    ));
     let forwarder_task =
         tokio::spawn(forwarder.run(recovered.messages, shutdown.clone(), deliveries.clone()));
     ready.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -178,8 +181,9 @@ pub async fn run(
     );
     sessions.close();
     deliveries.close();
+    background.close();
     let _ = forwarder_task.await;
-    let _ = lifecycle_task.await;
+    background.wait().await;
     if let Some(t) = http_task {
         let _ = t.await;
     }

@@ -28,7 +28,7 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the relay until SIGTERM or SIGINT.
+    /// Run the relay until SIGTERM or SIGINT; SIGHUP reloads the configuration file.
     Run {
         /// The TOML configuration file.
         #[arg(long, short, env = "EXORELAY_CONFIG")]
@@ -71,6 +71,16 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         action: Option<AccountAction>,
+    },
+    /// Make the running relay read its configuration file again (through its HTTP API, [http]
+    /// in the config). `systemctl reload exorelay` and `kill -HUP <pid>` do the same. An invalid
+    /// file, or one that changes a setting needing a restart (queue.dir, [http] listen), is
+    /// refused with the reason, and the running configuration stays.
+    Reload {
+        #[arg(long, short, env = "EXORELAY_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Send a test message through the spool and an account's upstream, wait for the outcome and
     /// print it. Uses a private spool, so a running relay is not disturbed.
@@ -186,6 +196,14 @@ fn queue_op(config: &Config, json: bool, verb: &str, id: &str) -> ExitCode {
 
 fn result_line(v: &serde_json::Value) -> String {
     format!("{}\n", v["result"].as_str().unwrap_or("done"))
+}
+
+fn reload_text(v: &serde_json::Value) -> String {
+    let mut out = String::from("configuration reloaded\n");
+    for c in v["changes"].as_array().into_iter().flatten() {
+        out.push_str(&format!("  {}\n", c.as_str().unwrap_or_default()));
+    }
+    out
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
@@ -320,6 +338,15 @@ fn main() -> ExitCode {
                     })
                 }
             }
+        }
+        Command::Reload { config, json } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            admin_call(&config, json, reload_text, async |c| {
+                c.post("/api/v1/reload").await
+            })
         }
         Command::Doctor { config, account } => {
             init_logging(cli.log_format, "error");

@@ -35,6 +35,12 @@ pub struct AccountStateLabels {
 pub const ACCOUNT_STATES: [&str; 5] = ["active", "throttled", "paused", "held", "paused_by_admin"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` (the new config is in force) or `refused` (the old one stays).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailedLabels {
     pub account: String,
     /// `permanent` (a 5xx for every remaining recipient) or `expired` (max_age reached).
@@ -69,6 +75,8 @@ pub struct Metrics {
     pub account_paused: Family<AccountLabel, Gauge>,
     pub account_state: Family<AccountStateLabels, Gauge>,
     pub throttled: Family<AccountLabel, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    pub config_last_reload_success: Gauge,
 }
 
 impl Default for Metrics {
@@ -102,6 +110,8 @@ impl Metrics {
             account_paused: Family::default(),
             account_state: Family::default(),
             throttled: Family::default(),
+            config_reloads: Family::default(),
+            config_last_reload_success: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -205,7 +215,42 @@ impl Metrics {
             "Throttle replies from Exchange",
             m.throttled.clone(),
         );
+        // The names Prometheus and Alertmanager use for the same thing, so existing alerts fit.
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP or POST /api/v1/reload), by result (ok, refused)",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time of the last configuration load that took effect (start or reload)",
+            m.config_last_reload_success.clone(),
+        );
+        for result in ["ok", "refused"] {
+            let _ = m.config_reloads.get_or_create(&ReloadLabels {
+                result: result.into(),
+            });
+        }
         Metrics { registry, ..m }
+    }
+
+    /// Counts a reload; a successful one also sets the last-success time to now.
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "refused" };
+        self.config_reloads
+            .get_or_create(&ReloadLabels {
+                result: result.into(),
+            })
+            .inc();
+        if ok {
+            self.config_loaded();
+        }
+    }
+
+    /// Sets `exorelay_config_last_reload_success_timestamp_seconds` to now.
+    pub fn config_loaded(&self) {
+        self.config_last_reload_success
+            .set(chrono::Utc::now().timestamp());
     }
 
     pub fn account(name: &str) -> AccountLabel {

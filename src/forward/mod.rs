@@ -21,6 +21,16 @@
 //!   now"). The states and their transitions are [`account`]; [`Status`] and the
 //!   `exorelay_account_paused` gauge are derived from them.
 //!
+//! Reload ([`Command::Reconfigure`], from `crate::reload`): the new config is used for every
+//! decision from then on (retry, max_age, probe_interval, the default account). An account
+//! whose config is unchanged keeps its lane (cached token, state); a new or changed one gets
+//! the upstream the reload built, and a changed one is tried at once (as after an
+//! administrator's resume) unless an administrator paused it. An unchanged account paused by a
+//! configuration error is tried at once too: a reload is how an administrator says a credential
+//! file was fixed. Attempts already running finish on the upstream they started with. Mail of a
+//! removed account, waiting or scheduled, goes through the default account. Nothing queued is
+//! dropped or scheduled twice: messages only move between places in [`schedule::Schedule`].
+//!
 //! Timers run on `tokio::time::Instant`; wall time is used only for what is persisted
 //! (`next_attempt_at`) and shown.
 
@@ -75,6 +85,34 @@ struct Lane {
     health: health::Health,
 }
 
+impl Lane {
+    fn new(upstream: Arc<dyn Upstream>, max_connections: usize) -> Lane {
+        Lane {
+            upstream,
+            slots: Arc::new(Semaphore::new(max_connections.saturating_mul(2))),
+            connections: Arc::new(Semaphore::new(max_connections)),
+            signals: Arc::new(AtomicU64::new(0)),
+            applied: 0,
+            state: account::Account::default(),
+            health: health::Health::default(),
+        }
+    }
+
+    /// Publishes a new lane's state: status, paused gauge and state gauge.
+    fn publish(&self, name: &str, status: &Status, metrics: &Metrics) {
+        status.set_account(name, &self.state);
+        metrics
+            .account_paused
+            .get_or_create(&Metrics::account(name))
+            .set(i64::from(self.state.paused()));
+        metrics.set_account_state(
+            name,
+            account::metric_name(&self.state.state),
+            self.health.degraded.is_some(),
+        );
+    }
+}
+
 /// An administrator's command, from the HTTP side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -86,7 +124,46 @@ pub enum Command {
     Delete(String),
     PauseAccount(String),
     ResumeAccount(String),
+    /// Take a reloaded config (see the module header).
+    Reconfigure(Reconfigure),
 }
+
+/// A reloaded config with a fresh upstream for each of its accounts, built beforehand so that
+/// applying it cannot fail. Only new, changed (`changed`) and paused accounts take theirs; the
+/// others keep their upstream and its cached token.
+#[derive(Clone)]
+pub struct Reconfigure {
+    pub config: Arc<Config>,
+    pub upstreams: HashMap<String, Arc<dyn Upstream>>,
+    pub changed: Vec<String>,
+}
+
+impl std::fmt::Debug for Reconfigure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rebuilt: Vec<&String> = self.upstreams.keys().collect();
+        rebuilt.sort();
+        f.debug_struct("Reconfigure")
+            .field("config", &self.config.source)
+            .field("upstreams", &rebuilt)
+            .field("changed", &self.changed)
+            .finish()
+    }
+}
+
+/// Two reconfigurations are the same when they carry the same config and upstreams.
+impl PartialEq for Reconfigure {
+    fn eq(&self, other: &Reconfigure) -> bool {
+        Arc::ptr_eq(&self.config, &other.config)
+            && self.changed == other.changed
+            && self.upstreams.len() == other.upstreams.len()
+            && self
+                .upstreams
+                .iter()
+                .all(|(k, v)| other.upstreams.get(k).is_some_and(|o| Arc::ptr_eq(v, o)))
+    }
+}
+
+impl Eq for Reconfigure {}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ControlError {
@@ -233,22 +310,8 @@ impl Forwarder {
         let mut lanes = HashMap::new();
         let status = Arc::new(Status::default());
         for a in &config.accounts {
-            let upstream = upstream(&a.name)?;
-            let lane = Lane {
-                upstream,
-                slots: Arc::new(Semaphore::new(a.max_connections.saturating_mul(2))),
-                connections: Arc::new(Semaphore::new(a.max_connections)),
-                signals: Arc::new(AtomicU64::new(0)),
-                applied: 0,
-                state: account::Account::default(),
-                health: health::Health::default(),
-            };
-            status.set_account(&a.name, &lane.state);
-            metrics
-                .account_paused
-                .get_or_create(&Metrics::account(&a.name))
-                .set(0);
-            metrics.set_account_state(&a.name, "active", false);
+            let lane = Lane::new(upstream(&a.name)?, a.max_connections);
+            lane.publish(&a.name, &status, &metrics);
             lanes.insert(a.name.clone(), lane);
         }
         let (control_tx, control_rx) = mpsc::channel(64);
@@ -417,6 +480,7 @@ impl Forwarder {
                 info!(account = %name, "account resumed by an administrator; trying now");
                 Ok(format!("account {name} resumed"))
             }
+            Command::Reconfigure(r) => Ok(self.reconfigure(r)),
             Command::Retry(id) => match self.spool.locate(&id) {
                 Some(Area::Queue) => {
                     let m = self.spool.load(&id).map_err(io)?;
@@ -506,6 +570,88 @@ impl Forwarder {
                 None => Err(ControlError::NotFound),
             },
         }
+    }
+
+    /// Puts a reloaded config in force (see the module header). Cannot fail: the upstreams
+    /// were built by the caller.
+    fn reconfigure(&mut self, r: Reconfigure) -> String {
+        let Reconfigure {
+            config,
+            mut upstreams,
+            changed,
+        } = r;
+        let old = std::mem::replace(&mut self.config, config.clone());
+        let mut retried = Vec::new();
+        for a in &config.accounts {
+            let max_changed = old
+                .accounts
+                .iter()
+                .find(|o| o.name == a.name)
+                .is_some_and(|o| o.max_connections != a.max_connections);
+            let fresh = upstreams.remove(&a.name);
+            let Some(lane) = self.lanes.get_mut(&a.name) else {
+                let Some(upstream) = fresh else {
+                    continue;
+                };
+                let lane = Lane::new(upstream, a.max_connections);
+                lane.publish(&a.name, &self.status, &self.metrics);
+                self.lanes.insert(a.name.clone(), lane);
+                continue;
+            };
+            if max_changed {
+                // Attempts running keep the permits of the old budget; new ones use the new.
+                lane.slots = Arc::new(Semaphore::new(a.max_connections.saturating_mul(2)));
+                lane.connections = Arc::new(Semaphore::new(a.max_connections));
+            }
+            let paused_by_error = matches!(lane.state.state, account::State::Paused { .. });
+            let by_admin = matches!(lane.state.state, account::State::PausedByAdmin);
+            let is_changed = changed.contains(&a.name);
+            // A paused account's upstream remembers its failed token request (and backs off);
+            // a fresh one asks Entra again with the credential file as it is now.
+            if (is_changed || paused_by_error)
+                && let Some(upstream) = fresh
+            {
+                lane.upstream = upstream;
+            }
+            if (is_changed && !by_admin) || paused_by_error {
+                retried.push(a.name.clone());
+            }
+        }
+        for name in &retried {
+            // "Try now", with a new epoch: results of attempts on the old settings are stale.
+            self.apply(name, &Event::AdminResume);
+            info!(account = %name, "configuration reloaded; trying the account now");
+        }
+        let removed: Vec<String> = self
+            .lanes
+            .keys()
+            .filter(|name| !config.accounts.iter().any(|a| &a.name == *name))
+            .cloned()
+            .collect();
+        for name in &removed {
+            self.lanes.remove(name);
+            self.status.remove_account(name);
+            // No series of an account that is gone (a stale "paused" would keep alerting).
+            self.metrics.account_paused.remove(&Metrics::account(name));
+            for state in crate::metrics::ACCOUNT_STATES
+                .iter()
+                .chain(["degraded"].iter())
+            {
+                self.metrics
+                    .account_state
+                    .remove(&crate::metrics::AccountStateLabels {
+                        account: name.clone(),
+                        state: state.to_string(),
+                    });
+            }
+            // Waiting mail is made due again; `release_due` hands it to the default account.
+            let now = Instant::now();
+            while let Some(id) = self.schedule.start_next(name) {
+                self.schedule.finished(&id, name, Some(now));
+            }
+            info!(account = %name, "account removed from the configuration; its queued mail goes through the default account");
+        }
+        format!("configuration in force; accounts tried now: {retried:?}; removed: {removed:?}")
     }
 
     /// Applies what an attempt learnt about its account, and says so in the logs.

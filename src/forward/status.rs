@@ -106,6 +106,13 @@ impl Status {
         }
     }
 
+    /// Forgets an account that is no longer configured (a reload removed it).
+    pub(crate) fn remove_account(&self, name: &str) {
+        if let Ok(mut m) = self.accounts.lock() {
+            m.remove(name);
+        }
+    }
+
     /// Records whether the account reaches its upstream (see [`super::health`]).
     pub(crate) fn set_health(&self, name: &str, health: &Health) {
         if let Ok(mut m) = self.accounts.lock() {

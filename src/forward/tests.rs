@@ -61,11 +61,8 @@ async fn start(replies: Vec<Attempt>) -> Harness {
     start_delayed(replies.into_iter().map(|r| (0, r)).collect(), 0).await
 }
 
-/// Each reply comes `secs` after its call. `queued` messages are committed before the forwarder
-/// starts, so that they reach it at the same instant (a commit's file work runs on blocking
-/// threads, during which the paused clock may move on).
-async fn start_delayed(replies: Vec<(u64, Attempt)>, queued: usize) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
+/// The harness's config: one capture account "contoso" with two connections, under `dir`.
+fn config_in(dir: &Path) -> Arc<Config> {
     let text = format!(
         r#"
 hostname = "relay.test"
@@ -84,10 +81,18 @@ kind = "capture"
 dir = "{}/capture"
 max_connections = 2
 "#,
-        dir.path().display(),
-        dir.path().display()
+        dir.display(),
+        dir.display()
     );
-    let config = Arc::new(Config::parse(Path::new("test.toml"), &text).unwrap());
+    Arc::new(Config::parse(Path::new("test.toml"), &text).unwrap())
+}
+
+/// Each reply comes `secs` after its call. `queued` messages are committed before the forwarder
+/// starts, so that they reach it at the same instant (a commit's file work runs on blocking
+/// threads, during which the paused clock may move on).
+async fn start_delayed(replies: Vec<(u64, Attempt)>, queued: usize) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_in(dir.path());
     let (spool, _) = Spool::open(&dir.path().join("spool"), 100).unwrap();
     let spool = Arc::new(spool);
     let script = Arc::new(Script {
@@ -353,4 +358,34 @@ async fn a_hold_right_after_the_commit_is_not_raced_by_the_first_attempt() {
             Err(e) => panic!("{e}"),
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_swaps_the_upstream_between_attempts_and_sends_nothing_twice() {
+    let ok = Attempt::all(1, Outcome::Delivered("250 ok".into()));
+    let h = start_delayed(vec![(20, ok)], 1).await;
+    h.run_for(5).await;
+    assert_eq!(h.script.calls().len(), 1, "one attempt in flight");
+    let fresh = Arc::new(Script::default());
+    let upstream: Arc<dyn Upstream> = fresh.clone();
+    let reconfigure = Reconfigure {
+        config: config_in(h.dir.path()),
+        upstreams: HashMap::from([("contoso".to_string(), upstream)]),
+        changed: vec!["contoso".into()],
+    };
+    h.control
+        .send(Command::Reconfigure(reconfigure))
+        .await
+        .unwrap();
+    let second = h.submit().await;
+    h.run_for(30).await;
+    assert_eq!(h.queued(), 0);
+    assert_eq!(
+        h.script.calls().len(),
+        1,
+        "the attempt in flight finished on the old upstream and was not repeated"
+    );
+    let calls = fresh.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].1, second, "new attempts use the new upstream");
 }

@@ -319,10 +319,30 @@ pub async fn queue_delete(
     control_response(state.control.send(Command::Delete(id)).await)
 }
 
+/// `POST /api/v1/reload`: re-reads the config file (as SIGHUP does). `200 {"reloaded": true,
+/// "changes": [...]}`; `400 {"error"}` for an invalid file, `409 {"error"}` for a change that
+/// needs a restart or could not be prepared (a port in use); the old config stays in both.
+pub async fn reload(State(state): State<Arc<AppState>>, _: Admin) -> Response {
+    use crate::reload::ReloadError;
+    let Some(reloader) = state.reloader.clone() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this relay cannot reload its configuration",
+        );
+    };
+    match reloader.reload().await {
+        Ok(r) => axum::Json(serde_json::json!({ "reloaded": true, "changes": r.changes }))
+            .into_response(),
+        Err(e @ ReloadError::Invalid(_)) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ ReloadError::Stopped) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
 /// One account as the API shows it.
 pub fn account_views(state: &AppState) -> Vec<serde_json::Value> {
     state
-        .config
+        .config()
         .accounts
         .iter()
         .map(|a| {
@@ -432,7 +452,7 @@ impl FromRequest<Arc<AppState>> for SubmissionBody {
                 "send message/rfc822 (a raw message) or application/json",
             ));
         }
-        let max = state.config.relay.max_message_size;
+        let max = state.config().relay.max_message_size;
         let limit = max as usize + 64 * 1024;
         let too_large = || {
             error(
@@ -474,7 +494,7 @@ pub async fn submit(
     Query(q): Query<Vec<(String, String)>>,
     SubmissionBody(body): SubmissionBody,
 ) -> Response {
-    let config = &state.config;
+    let config = state.config();
     let max = config.relay.max_message_size;
     if body.len() as u64 > max {
         return error(

@@ -109,6 +109,8 @@ struct Table {
     /// Per client as SMTP counts them (an IPv4 address, an IPv6 /64), so rotating addresses
     /// within one's own /64 does not reset the count.
     failures: HashMap<ClientKey, Failures>,
+    /// The SHA-256 of the admin token the sessions were opened with (see [`Sessions::bind`]).
+    token: Option<[u8; 32]>,
 }
 
 /// Sessions and login failures. Never blocks for long: every operation is a few map lookups.
@@ -145,6 +147,20 @@ impl Sessions {
         }
         t.sessions.insert(digest(&secret), session.clone());
         Ok((secret, session))
+    }
+
+    /// Ties the sessions to the admin token in force: when it differs from the one they were
+    /// opened with (a reload brought a new token), every session ends, so a rotated token also
+    /// logs out every status page.
+    pub fn bind(&self, token: Option<&str>) {
+        let current = token.map(digest);
+        let mut t = self.table();
+        if t.token != current {
+            if t.token.is_some() {
+                t.sessions.clear();
+            }
+            t.token = current;
+        }
     }
 
     /// The live session for `secret`, if any.
@@ -274,7 +290,7 @@ pub fn is_loopback_host(host: &str) -> bool {
 /// This request's own origin, `scheme://host`, from its `Host` header.
 fn own_origin(state: &AppState, headers: &HeaderMap) -> Option<String> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
-    let scheme = if state.config.http.tls.is_some() {
+    let scheme = if state.config().http.tls.is_some() {
         "https"
     } else {
         "http"
@@ -310,13 +326,14 @@ pub fn same_origin(state: &AppState, headers: &HeaderMap) -> Result<(), Refusal>
 
 /// Who may read: the admin token, a session, or (loopback only, loopback `Host`) anyone.
 pub fn read_credential(state: &AppState, headers: &HeaderMap) -> Result<Credential, Refusal> {
-    if let (Some(given), Some(expected)) = (bearer(headers), state.token.as_deref()) {
+    if let (Some(given), Some(expected)) = (bearer(headers), state.token().as_deref()) {
         return if same_secret(expected, given) {
             Ok(Credential::Bearer)
         } else {
             Err(refuse(StatusCode::UNAUTHORIZED, "wrong admin token"))
         };
     }
+    state.sessions.bind(state.token().as_deref());
     if let Some(secret) = cookie(headers, SESSION_COOKIE)
         && let Some(s) = state.sessions.get(&secret, Instant::now())
     {
@@ -341,7 +358,8 @@ pub fn read_credential(state: &AppState, headers: &HeaderMap) -> Result<Credenti
 /// Who may change things: the admin token, or a session from this origin. The CSRF token is
 /// checked by the caller, which knows where the request carries it.
 fn write_credential(state: &AppState, headers: &HeaderMap) -> Result<Credential, Refusal> {
-    let Some(expected) = state.token.as_deref() else {
+    let token = state.token();
+    let Some(expected) = token.as_deref() else {
         return Err(refuse(
             StatusCode::FORBIDDEN,
             "state-changing calls are disabled: set [http] admin_token_file in the config",
@@ -355,6 +373,7 @@ fn write_credential(state: &AppState, headers: &HeaderMap) -> Result<Credential,
         };
     }
     if let Some(secret) = cookie(headers, SESSION_COOKIE) {
+        state.sessions.bind(Some(expected));
         let Some(session) = state.sessions.get(&secret, Instant::now()) else {
             return Err(refuse(
                 StatusCode::UNAUTHORIZED,
@@ -527,6 +546,24 @@ mod tests {
         }
         assert!(s.get(&first, t0).is_none());
         assert_eq!(s.table().sessions.len(), MAX_SESSIONS);
+    }
+
+    #[test]
+    fn a_new_admin_token_ends_every_session() {
+        let s = Sessions::default();
+        let t0 = Instant::now();
+        s.bind(Some("token-one"));
+        let (secret, _) = s.create(t0).unwrap();
+        s.bind(Some("token-one"));
+        assert!(s.get(&secret, t0).is_some(), "same token: still logged in");
+        s.bind(Some("token-two"));
+        assert!(s.get(&secret, t0).is_none(), "rotated token: logged out");
+        let (secret, _) = s.create(t0).unwrap();
+        s.bind(Some("token-two"));
+        assert!(
+            s.get(&secret, t0).is_some(),
+            "a login with the new token lasts"
+        );
     }
 
     #[test]

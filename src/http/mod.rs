@@ -29,13 +29,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::forward::{Control, Status};
 use crate::metrics::Metrics;
+use crate::reload::{Live, Reloader};
 use crate::spool::{Area, Spool};
 
 pub use auth::SESSION_COOKIE;
 
 /// Everything the handlers read or command.
 pub struct AppState {
-    pub config: Arc<Config>,
+    live: Arc<Live<HttpSettings>>,
     pub spool: Arc<Spool>,
     pub metrics: Arc<Metrics>,
     pub status: Arc<Status>,
@@ -44,36 +45,71 @@ pub struct AppState {
     pub ready: Arc<AtomicBool>,
     /// Status-page logins and login failures.
     pub sessions: auth::Sessions,
-    token: Option<String>,
+    /// `POST /api/v1/reload`; `None` where the relay cannot reload (the answer is then 503).
+    pub reloader: Option<Arc<Reloader>>,
+    /// Whether the socket is on loopback (`[http] listen` cannot change without a restart).
     loopback: bool,
+}
+
+/// What a reload changes on the HTTP side: the config (accounts, hostname, limits on
+/// submissions) and the admin token, read again from `admin_token_file`. A request uses the
+/// settings in force when it reads them.
+pub struct HttpSettings {
+    pub config: Arc<Config>,
+    token: Option<String>,
+}
+
+impl HttpSettings {
+    /// Reads the admin token file of `config`.
+    pub fn new(config: Arc<Config>) -> HttpSettings {
+        let token = config.http.admin_token();
+        HttpSettings { config, token }
+    }
 }
 
 impl AppState {
     pub fn new(
-        config: Arc<Config>,
+        live: Arc<Live<HttpSettings>>,
         spool: Arc<Spool>,
         metrics: Arc<Metrics>,
         status: Arc<Status>,
         control: Control,
         ready: Arc<AtomicBool>,
+        reloader: Option<Arc<Reloader>>,
     ) -> AppState {
-        let token = config.http.admin_token();
-        let loopback = config.http.listen.is_some_and(|l| l.ip().is_loopback());
+        let loopback = live
+            .get()
+            .config
+            .http
+            .listen
+            .is_some_and(|l| l.ip().is_loopback());
+        let sessions = auth::Sessions::default();
+        sessions.bind(live.get().token.as_deref());
         AppState {
-            config,
+            live,
             spool,
             metrics,
             status,
             control,
             ready,
-            sessions: auth::Sessions::default(),
-            token,
+            sessions,
+            reloader,
             loopback,
         }
     }
 
+    /// The config in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.get().config.clone()
+    }
+
+    /// The admin token in force now.
+    pub fn token(&self) -> Option<String> {
+        self.live.get().token.clone()
+    }
+
     pub fn has_token(&self) -> bool {
-        self.token.is_some()
+        self.live.get().token.is_some()
     }
 }
 
@@ -234,6 +270,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(api::account_action),
         )
         .route("/api/v1/messages", post(api::submit))
+        .route("/api/v1/reload", post(api::reload))
         .route("/", get(page::status_page))
         .route(
             "/login",
@@ -247,7 +284,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(page::ui_action).layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT)),
         )
         .layer(axum::middleware::from_fn_with_state(
-            state.config.http.request_timeout,
+            state.config().http.request_timeout,
             request_timeout,
         ))
         .layer(axum::middleware::from_fn(security_headers))
@@ -308,13 +345,14 @@ pub async fn serve(
     state: Arc<AppState>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let tls = match &state.config.http.tls {
+    let config = state.config();
+    let tls = match &config.http.tls {
         Some(t) => Some(tokio_rustls::TlsAcceptor::from(
             crate::tls::server_config_from_files(&t.cert, &t.key).map_err(std::io::Error::other)?,
         )),
         None => None,
     };
-    let limits = serve::Limits::from_config(&state.config.http);
+    let limits = serve::Limits::from_config(&config.http);
     serve::run(listener, router(state), tls, limits, shutdown).await;
     Ok(())
 }

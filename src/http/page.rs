@@ -121,7 +121,8 @@ pub async fn status_page(
     .unwrap_or_default();
 
     let mut h = Markup::new();
-    let host = state.config.hostname.as_str();
+    let config = state.config();
+    let host = config.hostname.as_str();
     head(&mut h, &format!("exorelay on {host}"), true);
     h.put("<h1>exorelay on {}</h1><nav>", &[&host]);
     if let Some(csrf) = csrf {
@@ -355,7 +356,8 @@ pub async fn status_page(
 }
 
 pub async fn login_form(State(state): State<Arc<AppState>>) -> Response {
-    let host = state.config.hostname.as_str();
+    let config = state.config();
+    let host = config.hostname.as_str();
     let mut h = Markup::new();
     head(&mut h, "exorelay login", false);
     h.put("<h1>exorelay on {}</h1>", &[&host]);
@@ -411,7 +413,7 @@ pub async fn login(
     }
     let given = form.get("token").map(|t| t.trim()).unwrap_or_default();
     let right = state
-        .token
+        .token()
         .as_deref()
         .is_some_and(|expected| !given.is_empty() && same_secret(expected, given));
     if !right {
@@ -429,7 +431,7 @@ pub async fn login(
             );
         }
     };
-    let secure = if state.config.http.tls.is_some() {
+    let secure = if state.config().http.tls.is_some() {
         "; Secure"
     } else {
         ""

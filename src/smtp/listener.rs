@@ -4,6 +4,12 @@
 //! Clients outside `allowed_networks` that have not logged in wait at most
 //! `untrusted_command_timeout` (never longer than `command_timeout`) for each command and TLS
 //! handshake; after a successful AUTH they get the normal timeouts and budget.
+//!
+//! Reload (see `crate::reload`): each session takes a snapshot of the relay's settings
+//! ([`InboundSettings`]) and of its listener's ([`Endpoint`]) when it is accepted and keeps them
+//! to its end; a reload only changes what later connections get. A listener's accept loop stops
+//! when its own `stop` token is cancelled (the listener was removed from the config); its open
+//! sessions go on until they end or the relay shuts down.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -26,17 +32,25 @@ use super::limits::{Admission, Limits};
 use super::reply;
 use super::session::{AuthOutcome, Session, SessionParams, Step};
 use crate::config::{Config, ListenerConfig, TlsMode};
+use crate::reload::Live;
 use crate::spool::{MessageWriter, Spool};
 
 const READ_BUFFER: usize = 64 * 1024;
 
-/// State shared by every listener and session.
+/// State shared by every listener and session; the settings part is replaced by a reload.
 pub struct Inbound {
-    pub config: Arc<Config>,
     pub spool: Arc<Spool>,
     pub metrics: Arc<crate::metrics::Metrics>,
-    pub users: Users,
-    pub guard: AuthGuard,
+    settings: Live<InboundSettings>,
+}
+
+/// What a session is accepted and run under: the config and what is derived from it. Budgets
+/// and login failures are kept across reloads unless their own settings change (a connection
+/// counts against the budget it was admitted under).
+pub struct InboundSettings {
+    pub config: Arc<Config>,
+    pub users: Arc<Users>,
+    pub guard: Arc<AuthGuard>,
     pub limits: Arc<Limits>,
 }
 
@@ -46,16 +60,73 @@ impl Inbound {
         spool: Arc<Spool>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Inbound {
-        Inbound {
-            metrics,
-            users: Users::new(&config.users),
-            guard: AuthGuard::new(config.relay.max_auth_failures, config.relay.auth_ban_time),
+        let settings = InboundSettings {
+            users: Arc::new(Users::new(&config.users)),
+            guard: Arc::new(AuthGuard::new(
+                config.relay.max_auth_failures,
+                config.relay.auth_ban_time,
+            )),
             limits: Limits::new(&config.relay),
             config,
+        };
+        Inbound {
+            metrics,
             spool,
+            settings: Live::new(settings),
         }
     }
 
+    /// The settings new connections get now.
+    pub fn settings(&self) -> Arc<InboundSettings> {
+        self.settings.get()
+    }
+
+    /// The settings for `config`, reusing the current users, login-failure record and budgets
+    /// where their part of the config did not change. Nothing changes until [`Inbound::apply`].
+    pub fn prepare(&self, config: Arc<Config>) -> InboundSettings {
+        let old = self.settings.get();
+        let same =
+            |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+        let (o, n) = (&old.config.relay, &config.relay);
+        InboundSettings {
+            users: if same(&old.config.users, &config.users) {
+                old.users.clone()
+            } else {
+                Arc::new(Users::new(&config.users))
+            },
+            guard: if (o.max_auth_failures, o.auth_ban_time)
+                == (n.max_auth_failures, n.auth_ban_time)
+            {
+                old.guard.clone()
+            } else {
+                Arc::new(AuthGuard::new(n.max_auth_failures, n.auth_ban_time))
+            },
+            limits: if (
+                o.max_connections,
+                o.max_connections_per_client,
+                o.untrusted_max_connections,
+                o.untrusted_max_connections_per_client,
+            ) == (
+                n.max_connections,
+                n.max_connections_per_client,
+                n.untrusted_max_connections,
+                n.untrusted_max_connections_per_client,
+            ) {
+                old.limits.clone()
+            } else {
+                Limits::new(n)
+            },
+            config,
+        }
+    }
+
+    /// Puts prepared settings in force for connections accepted from now on.
+    pub fn apply(&self, settings: InboundSettings) {
+        self.settings.set(Arc::new(settings));
+    }
+}
+
+impl InboundSettings {
     fn network_allowed(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         self.config
@@ -67,7 +138,13 @@ impl Inbound {
 
     /// Checks a login. The attempt is counted before argon2 runs (see [`AuthGuard::reserve`]),
     /// so refused attempts cost nothing and parallel guesses cannot overshoot the limit.
-    async fn authenticate(&self, ip: IpAddr, user: &str, password: &str) -> AuthOutcome {
+    async fn authenticate(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        ip: IpAddr,
+        user: &str,
+        password: &str,
+    ) -> AuthOutcome {
         let attempt = match self.guard.reserve(ip) {
             Ok(a) => a,
             Err(why) => {
@@ -82,7 +159,7 @@ impl Inbound {
                 AuthOutcome::Success
             }
             Verdict::Failure { banned } => {
-                self.metrics.smtp_auth_failures.inc();
+                metrics.smtp_auth_failures.inc();
                 warn!(client = %ip, user = %user.escape_debug(), banned, "AUTH failed");
                 tokio::time::sleep(self.config.relay.auth_failure_delay).await;
                 if banned {
@@ -95,24 +172,38 @@ impl Inbound {
     }
 }
 
-/// Serves one listener until `shutdown` is cancelled. Sessions are tracked by `tracker`.
+/// One listener's own settings: its config entry and TLS acceptor (certificate read when the
+/// endpoint is built, so a reload picks up a renewed certificate).
+pub struct Endpoint {
+    pub lc: ListenerConfig,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Endpoint {
+    /// Reads the listener's certificate and key, if it uses TLS.
+    pub fn new(lc: &ListenerConfig) -> Result<Endpoint, crate::tls::TlsError> {
+        let tls = match lc.tls {
+            TlsMode::None => None,
+            _ => Some(TlsAcceptor::from(crate::tls::load_server_config(lc)?)),
+        };
+        Ok(Endpoint {
+            lc: lc.clone(),
+            tls,
+        })
+    }
+}
+
+/// Serves one listener until `stop` (this listener only) or `shutdown` (the relay) is
+/// cancelled. Sessions are tracked by `tracker` and watch `shutdown` only: stopping a listener
+/// never cuts a session short.
 pub async fn serve(
     listener: TcpListener,
-    lc: ListenerConfig,
-    tls: Option<TlsAcceptor>,
+    endpoint: Arc<Live<Endpoint>>,
     inbound: Arc<Inbound>,
+    stop: CancellationToken,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let params = Arc::new(SessionParams {
-        hostname: inbound.config.hostname.clone(),
-        starttls: lc.tls == TlsMode::Starttls,
-        auth: lc.auth,
-        plaintext_auth: lc.plaintext_auth,
-        max_message_size: inbound.config.relay.max_message_size,
-        max_recipients: inbound.config.relay.max_recipients,
-        max_errors: inbound.config.relay.max_errors,
-    });
     let local = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -121,6 +212,10 @@ pub async fn serve(
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = stop.cancelled() => {
+                info!(listener = %local, "listener removed from the config: no longer accepting");
+                break;
+            }
             r = listener.accept() => r,
         };
         let (tcp, peer) = match accepted {
@@ -138,8 +233,10 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let span = tracing::info_span!("smtp", client = %peer, listener = %local);
-        let network_allowed = inbound.network_allowed(peer.ip());
-        let admission = match inbound.limits.admit(peer.ip(), network_allowed) {
+        // The session's settings for its whole life, however many reloads come.
+        let (settings, endpoint) = (inbound.settings(), endpoint.get());
+        let network_allowed = settings.network_allowed(peer.ip());
+        let admission = match settings.limits.admit(peer.ip(), network_allowed) {
             Ok(a) => a,
             Err(refusal) => {
                 warn!(parent: &span, reason = refusal.reason(), "connection refused");
@@ -147,13 +244,17 @@ pub async fn serve(
                 continue;
             }
         };
-        let (inbound, params, tls, lc_tls, shutdown) = (
-            inbound.clone(),
-            params.clone(),
-            tls.clone(),
-            lc.tls,
-            shutdown.clone(),
-        );
+        let config = &settings.config;
+        let params = Arc::new(SessionParams {
+            hostname: config.hostname.clone(),
+            starttls: endpoint.lc.tls == TlsMode::Starttls,
+            auth: endpoint.lc.auth,
+            plaintext_auth: endpoint.lc.plaintext_auth,
+            max_message_size: config.relay.max_message_size,
+            max_recipients: config.relay.max_recipients,
+            max_errors: config.relay.max_errors,
+        });
+        let (inbound, shutdown) = (inbound.clone(), shutdown.clone());
         inbound.metrics.smtp_sessions.inc();
         tracker.spawn(
             async move {
@@ -164,12 +265,24 @@ pub async fn serve(
                     peer,
                     admission,
                 };
-                connection(accepted, lc_tls, tls, params, inbound, shutdown).await;
+                let run = Run {
+                    settings,
+                    endpoint,
+                    params,
+                };
+                connection(accepted, run, inbound, shutdown).await;
                 metrics.smtp_active_sessions.dec();
             }
             .instrument(span),
         );
     }
+}
+
+/// What one session runs under (fixed when it is accepted).
+struct Run {
+    settings: Arc<InboundSettings>,
+    endpoint: Arc<Endpoint>,
+    params: Arc<SessionParams>,
 }
 
 async fn refuse(mut tcp: TcpStream, r: reply::Reply) {
@@ -271,9 +384,7 @@ struct Accepted {
 
 async fn connection(
     accepted: Accepted,
-    mode: TlsMode,
-    tls: Option<TlsAcceptor>,
-    params: Arc<SessionParams>,
+    run: Run,
     inbound: Arc<Inbound>,
     shutdown: CancellationToken,
 ) {
@@ -282,7 +393,13 @@ async fn connection(
         peer,
         mut admission,
     } = accepted;
-    let relay = &inbound.config.relay;
+    let Run {
+        settings,
+        endpoint,
+        params,
+    } = run;
+    let (mode, tls) = (endpoint.lc.tls, endpoint.tls.as_ref());
+    let relay = &settings.config.relay;
     // The budget a stranger gets until it logs in; `admission` knows which it is.
     let command_timeout = |a: &Admission| {
         if a.is_stranger() {
@@ -296,11 +413,11 @@ async fn connection(
     let login_by = Instant::now() + relay.untrusted_command_timeout.min(relay.command_timeout);
     let ip = canonical_ip(peer.ip());
     let network_allowed = !admission.is_stranger();
-    if !network_allowed && inbound.guard.is_banned(ip) {
+    if !network_allowed && settings.guard.is_banned(ip) {
         info!("connection refused: address is temporarily banned after failed logins");
         return refuse(tcp, reply::banned()).await;
     }
-    let mut conn = match (mode, tls.as_ref()) {
+    let mut conn = match (mode, tls) {
         (TlsMode::Implicit, Some(acceptor)) => {
             match tokio::time::timeout(command_timeout(&admission), acceptor.accept(tcp)).await {
                 Ok(Ok(s)) => Conn::Tls(Box::new(s)),
@@ -374,7 +491,9 @@ async fn connection(
                 }
             }
             Step::Authenticate(creds) => {
-                let outcome = inbound.authenticate(ip, &creds.user, &creds.password).await;
+                let outcome = settings
+                    .authenticate(&inbound.metrics, ip, &creds.user, &creds.password)
+                    .await;
                 if outcome == AuthOutcome::Success {
                     admission.logged_in();
                 }
@@ -410,7 +529,7 @@ async fn connection(
                     ))));
                     continue;
                 };
-                let account = &inbound
+                let account = &settings
                     .config
                     .account_for(submission.client.login.as_deref())
                     .name;
@@ -446,7 +565,7 @@ async fn connection(
                 // here: it must not be read as if it had come through TLS (CVE-2011-0411).
                 start = 0;
                 end = 0;
-                let (Conn::Plain(tcp), Some(acceptor)) = (conn, tls.as_ref()) else {
+                let (Conn::Plain(tcp), Some(acceptor)) = (conn, tls) else {
                     break;
                 };
                 match tokio::time::timeout(command_timeout(&admission), acceptor.accept(tcp)).await

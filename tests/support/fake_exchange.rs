@@ -60,6 +60,9 @@ pub struct Faults {
     pub masked: bool,
     /// AUTH XOAUTH2 is answered with a Gmail-style `334` error challenge, then `535`.
     pub auth_challenge: bool,
+    /// When not empty, the client secrets the token endpoint accepts instead of [`SECRET`]
+    /// (while a secret is rotated, Entra accepts the old and the new one).
+    pub accepted_secrets: Vec<String>,
 }
 
 pub struct FakeState {
@@ -363,7 +366,7 @@ async fn token(
         );
     }
     match (form.get("client_secret"), form.get("client_assertion")) {
-        (Some(s), None) if s == SECRET => {}
+        (Some(s), None) if secret_accepted(&st, s) => {}
         (Some(_), None) => {
             return aad_error(
                 StatusCode::UNAUTHORIZED,
@@ -810,5 +813,15 @@ impl tokio::io::AsyncWrite for Downcast {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut *self.0).poll_shutdown(cx)
+    }
+}
+
+/// Whether the token endpoint takes `secret` (see [`Faults::accepted_secrets`]).
+fn secret_accepted(st: &FakeState, secret: &str) -> bool {
+    let faults = st.faults.lock().unwrap();
+    if faults.accepted_secrets.is_empty() {
+        secret == SECRET
+    } else {
+        faults.accepted_secrets.iter().any(|s| s == secret)
     }
 }
