@@ -1391,8 +1391,7 @@ fn validate_exchange(a: &AccountConfig) -> Result<(), (&'static str, String)> {
     }
     if delegated {
         let name_ok = !a.name.starts_with('.')
-            && a
-                .name
+            && a.name
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
         if !name_ok {
@@ -1512,7 +1511,10 @@ client_id = "abc"
         assert!(e.message.contains("needs a credential"), "{e}");
         let c = parse(&format!("{base}auth = \"delegated\"\n")).expect("public client");
         let a = &c.accounts[0];
-        assert_eq!(a.scope(), "https://outlook.office.com/SMTP.Send offline_access");
+        assert_eq!(
+            a.scope(),
+            "https://outlook.office.com/SMTP.Send offline_access"
+        );
         assert_eq!(
             a.token_file,
             Path::new("/var/lib/exorelay/state/frontdesk.refresh-token")

@@ -132,7 +132,9 @@ pub fn not_signed_in(account: &str, file: &std::path::Path, why: Option<&str>) -
             "Nobody has signed in for delegated account {account:?} yet (no refresh token in {}).",
             file.display()
         ),
-        Some(why) => format!("The refresh token of delegated account {account:?} cannot be used: {why}."),
+        Some(why) => {
+            format!("The refresh token of delegated account {account:?} cannot be used: {why}.")
+        }
     };
     Advice::new(
         cause,
@@ -153,7 +155,9 @@ pub fn advise_delegated(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (A
         (
             Advice::new(
                 cause,
-                format!("Sign in again: {login} (as the mailbox's user). Queued mail stays queued and goes out by itself after the sign-in."),
+                format!(
+                    "Sign in again: {login} (as the mailbox's user). Queued mail stays queued and goes out by itself after the sign-in."
+                ),
             ),
             true,
         )
@@ -170,6 +174,13 @@ pub fn advise_delegated(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (A
             Advice::new(
                 "Consent to send mail as the user (SMTP.Send) was revoked or never granted (AADSTS65001).".to_string(),
                 format!("In App registrations > {client} > API permissions, add Office 365 Exchange Online > Delegated permissions > SMTP.Send (and offline_access) and grant consent; then {login}."),
+            ),
+            true,
+        ),
+        Some(c @ (70011 | 700022)) => (
+            Advice::new(
+                format!("Entra refused the requested scope (AADSTS{c})."),
+                format!("Leave scope unset on account {acct:?} (the cloud's SMTP.Send plus offline_access), or set it to the cloud's SMTP.Send permission and offline_access, e.g. \"https://outlook.office.com/SMTP.Send offline_access\"."),
             ),
             true,
         ),
@@ -213,14 +224,21 @@ mod tests {
         for code in [700082, 50173, 70043, 50076, 65001] {
             let (adv, config) = advise_delegated(Some(code), "invalid_grant", &ctx);
             assert!(config, "{code} pauses the account");
-            assert!(adv.fix.contains("exorelay login --account frontdesk"), "{code}: {adv}");
+            assert!(
+                adv.fix.contains("exorelay login --account frontdesk"),
+                "{code}: {adv}"
+            );
             assert!(adv.cause.contains(&code.to_string()), "{code}: {adv}");
         }
         let (adv, _) = advise_delegated(None, "invalid_grant", &ctx);
         assert!(adv.fix.contains("exorelay login --account frontdesk"));
         let (_, config) = advise_delegated(None, "temporarily_unavailable", &ctx);
         assert!(!config, "a passing fault is retried, not paused");
-        let adv = not_signed_in("frontdesk", std::path::Path::new("/s/frontdesk.refresh-token"), None);
+        let adv = not_signed_in(
+            "frontdesk",
+            std::path::Path::new("/s/frontdesk.refresh-token"),
+            None,
+        );
         assert!(adv.fix.contains("exorelay login --account frontdesk"));
         assert!(adv.cause.contains("/s/frontdesk.refresh-token"));
     }

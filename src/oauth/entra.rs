@@ -13,8 +13,8 @@ use oauth2::basic::{
     BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenResponse,
 };
 use oauth2::{
-    AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl, EndpointNotSet,
-    EndpointSet, StandardRevocableToken, TokenUrl,
+    AuthType, AuthUrl, ClientId, ClientSecret, DeviceAuthorizationUrl, EndpointNotSet, EndpointSet,
+    StandardRevocableToken, TokenUrl,
 };
 use serde::{Deserialize, Serialize};
 
@@ -143,7 +143,10 @@ pub fn client(a: &AccountConfig, auth: &ClientAuth) -> Result<EntraClient, Strin
     };
     let mut c = oauth2::Client::new(ClientId::new(a.client_id.clone().unwrap_or_default()))
         .set_auth_type(AuthType::RequestBody)
-        .set_auth_uri(AuthUrl::from_url(url("authorize", a.entra_url("authorize"))?))
+        .set_auth_uri(AuthUrl::from_url(url(
+            "authorize",
+            a.entra_url("authorize"),
+        )?))
         .set_device_authorization_url(DeviceAuthorizationUrl::from_url(url(
             "device code",
             a.entra_url("devicecode"),

@@ -101,18 +101,27 @@ mod tests {
         });
         let task = tokio::spawn(run(Arc::downgrade(&stub)));
         tokio::time::sleep(Duration::from_secs(23 * 3600)).await;
-        assert!(stub.refreshes.lock().unwrap().is_empty(), "not before a day");
+        assert!(
+            stub.refreshes.lock().unwrap().is_empty(),
+            "not before a day"
+        );
         tokio::time::sleep(Duration::from_secs(3 * 24 * 3600)).await;
         let times = stub.refreshes.lock().unwrap().clone();
         assert_eq!(times.len(), 3, "once a day over three idle days: {times:?}");
         for w in times.windows(2) {
             let gap = w[1] - w[0];
-            assert!(gap >= REFRESH_AFTER && gap <= REFRESH_AFTER + CHECK_EVERY, "{gap:?}");
+            assert!(
+                gap >= REFRESH_AFTER && gap <= REFRESH_AFTER + CHECK_EVERY,
+                "{gap:?}"
+            );
         }
         // 90 days of silence never pass without a refresh.
         assert!(times[0] - start <= REFRESH_AFTER + CHECK_EVERY);
         drop(stub);
         tokio::time::sleep(CHECK_EVERY * 2).await;
-        assert!(task.is_finished(), "the keep-alive ends when its manager is gone");
+        assert!(
+            task.is_finished(),
+            "the keep-alive ends when its manager is gone"
+        );
     }
 }

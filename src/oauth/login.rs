@@ -237,8 +237,8 @@ pub async fn device_login(
         .request_async(&f.http, sleep, Some(timeout.min(details.expires_in())))
         .await
         .map_err(|e| {
-            use oauth2::RequestTokenError;
             use oauth2::DeviceCodeErrorResponseType as T;
+            use oauth2::RequestTokenError;
             match e {
                 RequestTokenError::ServerResponse(r) => {
                     let code = aadsts_in(r.error_description().map(String::as_str));
@@ -378,8 +378,14 @@ pub async fn browser_login(
 enum Callback {
     /// Not the callback path (a favicon, a probe): 404, keep waiting.
     Elsewhere,
-    Code { code: String, state: String },
-    Error { error: String, description: String },
+    Code {
+        code: String,
+        state: String,
+    },
+    Error {
+        error: String,
+        description: String,
+    },
     Incomplete,
 }
 

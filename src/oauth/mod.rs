@@ -400,13 +400,17 @@ impl TokenManager {
                 ));
             }
             ClientAuth::Secret(_) => {
-                let secret = self.credential.secret().and_then(|s| s.ok_or_else(|| "no client secret".to_string())).map_err(|e| {
-                    local(
-                        "client_secret_file",
-                        e,
-                        "Put the client secret's Value into the file (mode 600).",
-                    )
-                })?;
+                let secret = self
+                    .credential
+                    .secret()
+                    .and_then(|s| s.ok_or_else(|| "no client secret".to_string()))
+                    .map_err(|e| {
+                        local(
+                            "client_secret_file",
+                            e,
+                            "Put the client secret's Value into the file (mode 600).",
+                        )
+                    })?;
                 form.push(("client_secret", secret));
             }
             ClientAuth::Certificate { cert, key, alg } => {
@@ -567,7 +571,8 @@ impl TokenManager {
             }
         };
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let fix = || "Check client_secret_file, or certificate_file and private_key_file.".to_string();
+        let fix =
+            || "Check client_secret_file, or certificate_file and private_key_file.".to_string();
         let client = entra::client(&d.account, &self.credential)
             .map_err(|e| self.local_config_error("credential", format!("{e}."), fix()))?;
         let extra = self

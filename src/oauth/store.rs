@@ -148,14 +148,21 @@ mod tests {
     fn save_is_private_and_load_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let store = TokenStore::new(dir.path().join("state/contoso.refresh-token"));
-        assert!(store.load().unwrap().is_none(), "missing file = not signed in");
+        assert!(
+            store.load().unwrap().is_none(),
+            "missing file = not signed in"
+        );
         let grant = Grant {
             refresh_token: "rt-one".into(),
             obtained_at: Utc::now(),
             user: Some("relay@contoso.com".into()),
         };
         store.save(&grant).unwrap();
-        let mode = std::fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let dir_mode = std::fs::metadata(dir.path().join("state"))
             .unwrap()
