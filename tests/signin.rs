@@ -72,7 +72,9 @@ impl Page {
             .header("cookie", &self.cookie)
             .form(&[("csrf", csrf)]);
         req = match host {
-            Some(h) => req.header("host", h).header("origin", format!("http://{h}")),
+            Some(h) => req
+                .header("host", h)
+                .header("origin", format!("http://{h}")),
             None => req.header("origin", &self.base),
         };
         req.send().await.unwrap()
@@ -175,7 +177,10 @@ async fn status_page_sign_in_delivers_the_queued_mail_and_refuses_forged_callbac
     // The button's redirect goes on to Entra; the page's form-action must allow that origin.
     let authority = fake.authority();
     assert!(
-        csp.contains(&format!("form-action 'self' {}", authority.trim_end_matches('/'))),
+        csp.contains(&format!(
+            "form-action 'self' {}",
+            authority.trim_end_matches('/')
+        )),
         "{csp}"
     );
 
@@ -185,11 +190,16 @@ async fn status_page_sign_in_delivers_the_queued_mail_and_refuses_forged_callbac
 
     // Over plain http under a name other than localhost, Entra would refuse the redirect URI:
     // the relay says so instead of sending the admin there.
-    let r = page.press_sign_in(&csrf, Some("relay.example.lan:8025")).await;
+    let r = page
+        .press_sign_in(&csrf, Some("relay.example.lan:8025"))
+        .await;
     assert_eq!(r.status(), 400);
     let text = r.text().await.unwrap();
     assert!(text.contains("localhost"), "{text}");
-    assert!(text.contains("exorelay login --account frontdesk"), "{text}");
+    assert!(
+        text.contains("exorelay login --account frontdesk"),
+        "{text}"
+    );
 
     // The button: to Entra's authorize URL with PKCE, state and our callback.
     let r = page.press_sign_in(&csrf, None).await;
@@ -220,7 +230,12 @@ async fn status_page_sign_in_delivers_the_queued_mail_and_refuses_forged_callbac
         .get(&format!("{callback_uri}?code={code}&state=made-up"))
         .await;
     assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("Unknown or expired sign-in"));
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("Unknown or expired sign-in")
+    );
     assert!(!token_file.exists());
 
     // The real one signs in, resumes the account, and the queued message goes out.
@@ -234,7 +249,10 @@ async fn status_page_sign_in_delivers_the_queued_mail_and_refuses_forged_callbac
     assert_eq!(mode & 0o777, 0o600);
     let deadline = Instant::now() + Duration::from_secs(20);
     while fake.delivered_count() < 1 {
-        assert!(Instant::now() < deadline, "the queued message was not delivered");
+        assert!(
+            Instant::now() < deadline,
+            "the queued message was not delivered"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -267,4 +285,35 @@ async fn status_page_sign_in_delivers_the_queued_mail_and_refuses_forged_callbac
     secrets.extend(access.iter().map(String::as_str));
     secrets.push(&code);
     assert_logs_clean(&secrets);
+}
+
+/// The same sign-in in a real browser: the page's form-action policy must let the button's
+/// redirect go on to Entra, and the callback must work without the (SameSite=Strict) cookie.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_page_sign_in_in_headless_chromium() {
+    let Some((browser, driver)) = support::browser::chromium() else {
+        return;
+    };
+    let fake = FakeExchange::start().await;
+    let files = files(&fake);
+    let relay = start_relay(&fake, &files).await;
+    submit(&relay).await;
+    let base = format!("http://{}", relay.http.unwrap());
+    let d = support::browser::Driver::start(&browser, &driver).await;
+    d.goto(&format!("{base}/login")).await;
+    d.type_into("input[name=token]", ADMIN_TOKEN).await;
+    d.click("button").await;
+    d.wait_for_text("Sign in with Microsoft").await;
+    d.click("button[data-action=signin]").await;
+    let page = d.wait_for_text("Signed in as").await;
+    assert!(page.contains("frontdesk"), "{page}");
+    d.quit().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.delivered_count() < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the queued message was not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

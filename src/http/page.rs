@@ -224,9 +224,11 @@ pub async fn status_page(
             button(&mut action, csrf, "accounts", &name, "pause", "Pause");
         }
         if let Some(csrf) = csrf
-            && state.config.accounts.iter().any(|c| {
-                c.name == name && c.auth == crate::config::AccountAuth::Delegated
-            })
+            && state
+                .config
+                .accounts
+                .iter()
+                .any(|c| c.name == name && c.auth == crate::config::AccountAuth::Delegated)
         {
             action.put(
                 "<form class=\"inline\" method=\"post\" action=\"/oauth/start/{}\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\" data-action=\"signin\">Sign in with Microsoft</button></form>",

@@ -47,7 +47,10 @@ impl PendingLogins {
         let mut t = self.table();
         t.retain(|_, (_, at)| now.duration_since(*at) < PENDING_LIFETIME);
         while t.len() >= MAX_PENDING {
-            let Some(oldest) = t.iter().min_by_key(|(_, (_, at))| *at).map(|(k, _)| k.clone())
+            let Some(oldest) = t
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
             else {
                 break;
             };
@@ -85,7 +88,10 @@ fn own_origin(state: &AppState, headers: &HeaderMap) -> Option<(bool, String)> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
     let https = state.config.http.tls.is_some();
     let scheme = if https { "https" } else { "http" };
-    Some((https || is_loopback_host(host), format!("{scheme}://{host}")))
+    Some((
+        https || is_loopback_host(host),
+        format!("{scheme}://{host}"),
+    ))
 }
 
 /// The status page's "Sign in" button.
@@ -219,8 +225,11 @@ pub async fn callback(
                     &user,
                     &name,
                     &match resumed {
-                        Ok(_) => "Delivery through this account resumes now; queued mail goes out.".to_string(),
-                        Err(e) => format!("The account could not be resumed ({e}); it retries at its next probe."),
+                        Ok(_) => "Delivery through this account resumes now; queued mail goes out."
+                            .to_string(),
+                        Err(e) => format!(
+                            "The account could not be resumed ({e}); it retries at its next probe."
+                        ),
                     },
                 ],
             );
@@ -232,7 +241,12 @@ pub async fn callback(
                 LoginError::Refused { advice, .. } => advice.fix.clone(),
                 _ => "Start the sign-in again.".into(),
             };
-            problem(StatusCode::BAD_GATEWAY, "Sign-in failed", &e.to_string(), &fix)
+            problem(
+                StatusCode::BAD_GATEWAY,
+                "Sign-in failed",
+                &e.to_string(),
+                &fix,
+            )
         }
     }
 }
