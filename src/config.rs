@@ -171,6 +171,9 @@ pub struct QueueConfig {
     /// How long deleted messages are kept in `deleted/` before they are pruned.
     #[serde(default = "default_keep_deleted", deserialize_with = "de_duration")]
     pub keep_deleted: Duration,
+    /// Where delegated accounts keep their refresh tokens (one 0600 file per account).
+    /// Default: a folder `state` beside the queue folder (`var/spool` gives `var/state`).
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -206,6 +209,15 @@ impl Cloud {
             Cloud::China => "https://partner.outlook.cn/.default",
         }
     }
+    /// Delegated scope: the cloud's `SMTP.Send` permission plus `offline_access`, so Entra
+    /// issues a refresh token.
+    pub fn delegated_scope(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://outlook.office.com/SMTP.Send offline_access",
+            Cloud::Usgov => "https://outlook.office365.us/SMTP.Send offline_access",
+            Cloud::China => "https://partner.outlook.cn/SMTP.Send offline_access",
+        }
+    }
     pub fn smtp_host(self) -> &'static str {
         match self {
             Cloud::Global => "smtp.office365.com",
@@ -223,6 +235,17 @@ pub enum RewriteFrom {
     Always,
     /// Send as the device wrote it.
     Never,
+}
+
+/// How an `exchange` account obtains its access tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountAuth {
+    /// App-only: the app's own client secret or certificate (`SMTP.SendAsApp`).
+    ClientCredentials,
+    /// A user signed in once with `exorelay login`; the relay keeps refreshing that grant
+    /// (`SMTP.Send` delegated). A secret or certificate is optional (confidential client).
+    Delegated,
 }
 
 /// Signature algorithm of the client assertion for certificate credentials.
@@ -252,6 +275,13 @@ pub struct AccountConfig {
     /// Entra tenant: GUID or verified domain.
     pub tenant: Option<String>,
     pub client_id: Option<String>,
+    /// `client_credentials` (default) or `delegated`.
+    #[serde(default = "default_account_auth")]
+    pub auth: AccountAuth,
+    /// For `auth = "delegated"`: the file holding the refresh token,
+    /// `<state_dir>/<name>.refresh-token`. Set by [`Config::parse`], not read from the file.
+    #[serde(skip)]
+    pub token_file: PathBuf,
     pub client_secret_file: Option<PathBuf>,
     /// Certificate (PEM) registered on the app; with `private_key_file` instead of a secret.
     pub certificate_file: Option<PathBuf>,
@@ -445,6 +475,9 @@ fn default_account_connections() -> usize {
 fn default_assertion_algorithm() -> AssertionAlgorithm {
     AssertionAlgorithm::Ps256
 }
+fn default_account_auth() -> AccountAuth {
+    AccountAuth::ClientCredentials
+}
 fn default_cloud() -> Cloud {
     Cloud::Global
 }
@@ -520,6 +553,7 @@ impl Default for QueueConfig {
             admin_address: None,
             probe_interval: default_probe_interval(),
             keep_deleted: default_keep_deleted(),
+            state_dir: None,
         }
     }
 }
@@ -748,6 +782,10 @@ impl Config {
             }
         })?;
         config.source = path.to_path_buf();
+        let state_dir = config.state_dir();
+        for a in &mut config.accounts {
+            a.token_file = state_dir.join(format!("{}.refresh-token", a.name));
+        }
         config.validate(&here)?;
         Ok(config)
     }
@@ -1010,6 +1048,18 @@ impl Config {
         Ok(())
     }
 
+    /// Where delegated accounts keep their refresh tokens: `[queue] state_dir`, else a folder
+    /// `state` beside the queue folder.
+    pub fn state_dir(&self) -> PathBuf {
+        self.queue.state_dir.clone().unwrap_or_else(|| {
+            self.queue
+                .dir
+                .parent()
+                .unwrap_or(Path::new(""))
+                .join("state")
+        })
+    }
+
     /// The account a message goes out through: the user's own, else the first.
     pub fn account_for(&self, login: Option<&str>) -> &AccountConfig {
         let by_user = login
@@ -1131,13 +1181,20 @@ impl Config {
                     let _ = writeln!(s, "account {}{default}: kind=capture dir={dir}", a.name);
                 }
                 AccountKind::Exchange => {
-                    let credential = match (&a.client_secret_file, &a.certificate_file) {
+                    let mut credential = match (&a.client_secret_file, &a.certificate_file) {
                         (Some(f), _) => format!("client secret from {} (<redacted>)", f.display()),
                         (None, Some(c)) => {
                             format!("certificate {} ({:?})", c.display(), a.assertion_algorithm)
                         }
                         _ => String::new(),
                     };
+                    if a.auth == AccountAuth::Delegated {
+                        credential = format!(
+                            "delegated sign-in, refresh token in {} (<redacted>){}{credential}",
+                            a.token_file.display(),
+                            if credential.is_empty() { "" } else { "; " }
+                        );
+                    }
                     let _ = writeln!(
                         s,
                         "account {}{default}: kind=exchange mailbox={} tenant={} client_id={} {credential}\n  token endpoint {} scope {}\n  SMTP {}:{} rewrite_from={:?} max_connections={} max_messages_per_minute={} max_recipients_per_day={}",
@@ -1177,9 +1234,21 @@ impl AccountConfig {
     pub fn smtp_host(&self) -> &str {
         self.smtp_host.as_deref().unwrap_or(self.cloud.smtp_host())
     }
-    /// The token scope: `scope`, else the cloud's Exchange resource with `/.default`.
+    /// The token scope: `scope`, else the cloud's Exchange resource with `/.default`
+    /// (client credentials) or its `SMTP.Send offline_access` (delegated).
     pub fn scope(&self) -> &str {
-        self.scope.as_deref().unwrap_or(self.cloud.scope())
+        self.scope.as_deref().unwrap_or(match self.auth {
+            AccountAuth::ClientCredentials => self.cloud.scope(),
+            AccountAuth::Delegated => self.cloud.delegated_scope(),
+        })
+    }
+    /// `https://<authority>/<tenant>/oauth2/v2.0/<endpoint>` (`authorize`, `devicecode`).
+    pub fn entra_url(&self, endpoint: &str) -> String {
+        let token = self.token_url();
+        format!(
+            "{}{endpoint}",
+            token.strip_suffix("token").unwrap_or(&token)
+        )
     }
     pub fn smtp_port(&self) -> u16 {
         self.smtp_port.unwrap_or(587)
@@ -1237,7 +1306,14 @@ fn validate_exchange(a: &AccountConfig) -> Result<(), (&'static str, String)> {
     }
     required("tenant", &a.tenant)?;
     let tenant = a.tenant.as_deref().unwrap_or("");
-    if ["common", "organizations", "consumers"].contains(&tenant.to_ascii_lowercase().as_str()) {
+    let delegated = a.auth == AccountAuth::Delegated;
+    // Delegated sign-in works on the multi-tenant endpoints too; client credentials do not.
+    let refused: &[&str] = if delegated {
+        &["consumers"]
+    } else {
+        &["common", "organizations", "consumers"]
+    };
+    if refused.contains(&tenant.to_ascii_lowercase().as_str()) {
         return Err((
             "tenant",
             format!(
@@ -1290,6 +1366,7 @@ fn validate_exchange(a: &AccountConfig) -> Result<(), (&'static str, String)> {
                 ));
             }
         }
+        (None, None, _) if delegated => {}
         (None, None, _) => {
             return Err((
                 "kind",
@@ -1312,7 +1389,31 @@ fn validate_exchange(a: &AccountConfig) -> Result<(), (&'static str, String)> {
             }
         }
     }
-    if let Some(scope) = &a.scope
+    if delegated {
+        let name_ok = !a.name.starts_with('.')
+            && a.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !name_ok {
+            return Err((
+                "name",
+                format!(
+                    "{:?}: a delegated account's name is part of its token file name; use letters, digits, '-', '_' and '.'",
+                    a.name
+                ),
+            ));
+        }
+        if let Some(scope) = &a.scope
+            && !scope.split_whitespace().any(|s| s == "offline_access")
+        {
+            return Err((
+                "scope",
+                format!(
+                    "{scope:?} lacks offline_access, so Entra would issue no refresh token; e.g. \"https://outlook.office.com/SMTP.Send offline_access\""
+                ),
+            ));
+        }
+    } else if let Some(scope) = &a.scope
         && !(scope.starts_with("https://") && scope.ends_with("/.default"))
     {
         return Err((
@@ -1389,6 +1490,53 @@ dir = "cap"
         assert_eq!(c.queue.max_age, Duration::from_secs(5 * 86400));
         assert_eq!(c.relay.allowed_networks[0].to_string(), "127.0.0.0/8");
         assert_eq!(c.account_for(None).name, "local");
+    }
+
+    #[test]
+    fn delegated_account_needs_no_secret_and_gets_its_own_scope_and_token_file() {
+        let base = r#"
+hostname = "relay.test"
+[[listener]]
+address = "127.0.0.1:2525"
+[queue]
+dir = "/var/lib/exorelay/spool"
+[[account]]
+name = "frontdesk"
+kind = "exchange"
+mailbox = "frontdesk@contoso.com"
+tenant = "contoso.onmicrosoft.com"
+client_id = "abc"
+"#;
+        let e = parse(base).unwrap_err();
+        assert!(e.message.contains("needs a credential"), "{e}");
+        let c = parse(&format!("{base}auth = \"delegated\"\n")).expect("public client");
+        let a = &c.accounts[0];
+        assert_eq!(
+            a.scope(),
+            "https://outlook.office.com/SMTP.Send offline_access"
+        );
+        assert_eq!(
+            a.token_file,
+            Path::new("/var/lib/exorelay/state/frontdesk.refresh-token")
+        );
+        assert!(c.describe().contains("delegated sign-in"));
+        let c = parse(&format!(
+            "{}auth = \"delegated\"\n",
+            base.replace("[queue]", "[queue]\nstate_dir = \"/srv/tokens\"")
+        ))
+        .unwrap();
+        assert_eq!(
+            c.accounts[0].token_file,
+            Path::new("/srv/tokens/frontdesk.refresh-token")
+        );
+        let e = parse(&format!(
+            "{base}auth = \"delegated\"\nscope = \"https://outlook.office.com/SMTP.Send\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.message.contains("offline_access"), "{e}");
+        assert_eq!(e.field.as_deref(), Some("account[0].scope"));
+        let e = parse(&format!("{base}auth = \"sometimes\"\n")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("account[0].auth"), "{e}");
     }
 
     #[test]

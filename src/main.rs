@@ -101,6 +101,28 @@ enum Command {
         #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Sign a delegated account (auth = "delegated") in as the mailbox's user and save its
+    /// refresh token; the running relay picks it up by itself. Device code by default.
+    Login {
+        #[arg(long, short, env = "EXORELAY_CONFIG")]
+        config: PathBuf,
+        /// The account to sign in.
+        #[arg(long)]
+        account: String,
+        /// Sign in with a browser on this machine (authorization code with PKCE; the redirect
+        /// comes back to a one-shot listener on 127.0.0.1) instead of a device code.
+        #[arg(long)]
+        browser: bool,
+        /// With --browser: the listener's port (0: any free port).
+        #[arg(long, default_value_t = 0)]
+        port: u16,
+        /// With --browser: open the URL with xdg-open (otherwise it is only printed).
+        #[arg(long)]
+        open: bool,
+        /// Give up after this long.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -348,6 +370,21 @@ fn main() -> ExitCode {
                 c.post("/api/v1/reload").await
             })
         }
+        Command::Login {
+            config,
+            account,
+            browser,
+            port,
+            open,
+            timeout,
+        } => {
+            init_logging(cli.log_format, "warn");
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            login(&config, &account, browser, port, open, timeout)
+        }
         Command::Doctor { config, account } => {
             init_logging(cli.log_format, "error");
             let config = match load(&config) {
@@ -439,6 +476,86 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// `exorelay login`: signs the account in, then asks the running relay to try it now.
+fn login(
+    config: &Config,
+    account: &str,
+    browser: bool,
+    port: u16,
+    open: bool,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    use exorelay::oauth::login::{DeviceEvent, browser_login, device_login};
+    let Some(a) = config.accounts.iter().find(|a| a.name == account) else {
+        let known: Vec<&str> = config.accounts.iter().map(|a| a.name.as_str()).collect();
+        eprintln!(
+            "error: no account {account:?} in {}; defined accounts: {}",
+            config.source.display(),
+            known.join(", ")
+        );
+        return ExitCode::from(2);
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let result = rt.block_on(async {
+        if browser {
+            browser_login(a, port, timeout, open, |url| {
+                println!("Open this URL in a browser on this machine and sign in as the mailbox's user:\n\n  {url}\n\nWaiting for the sign-in (up to {})...", humantime::format_duration(timeout));
+            })
+            .await
+        } else {
+            device_login(a, timeout, |event| match event {
+                DeviceEvent::Started { uri, code, expires_in } => println!(
+                    "To sign in, open {uri} in any browser and enter the code {code}\n(sign in as the mailbox's user; the code expires in {}).\nWaiting for the sign-in...",
+                    humantime::format_duration(expires_in)
+                ),
+                DeviceEvent::SlowDown { interval } => println!(
+                    "Entra asked to poll more slowly; next check in {}.",
+                    humantime::format_duration(interval)
+                ),
+            })
+            .await
+        }
+    });
+    let signed_in = match result {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: sign-in of account {account} failed: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "Signed in{} for account {}; refresh token saved in {} (mode 600).",
+        signed_in
+            .user
+            .as_deref()
+            .map(|u| format!(" as {u}"))
+            .unwrap_or_default(),
+        signed_in.account,
+        signed_in.token_file.display()
+    );
+    let told = if config.http.listen.is_some() && config.http.admin_token_file.is_some() {
+        let path = format!(
+            "/api/v1/accounts/{}/resume",
+            exorelay::admin::q(&signed_in.account)
+        );
+        exorelay::admin::AdminClient::from_config(config)
+            .ok()
+            .map(|c| rt.block_on(async move { c.post(&path).await }))
+    } else {
+        None
+    };
+    match told {
+        Some(Ok(_)) => println!("The running relay was told to try the account now."),
+        _ => println!(
+            "The running relay picks the sign-in up by itself at its next attempt (a paused account is tried every [queue] probe_interval)."
+        ),
+    }
+    ExitCode::SUCCESS
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {

@@ -285,6 +285,8 @@ pub fn upstream_for(
                     .map_err(err)?
                     .with_metrics(metrics.clone()),
             );
+            // Delegated accounts: refresh an idle sign-in daily; ends with the upstream.
+            crate::oauth::keepalive::spawn(&tokens);
             Arc::new(Exchange::new(a, &config.hostname, tokens).map_err(err)?)
         }
     })
@@ -315,7 +317,7 @@ impl Forwarder {
             lanes.insert(a.name.clone(), lane);
         }
         let (control_tx, control_rx) = mpsc::channel(64);
-        Ok(Forwarder {
+        let mut forwarder = Forwarder {
             config,
             spool,
             lanes,
@@ -325,7 +327,24 @@ impl Forwarder {
             control_rx,
             schedule: Schedule::default(),
             fresh: HashMap::new(),
-        })
+        };
+        // Known before any attempt (a delegated account never signed in): start paused, so the
+        // status shows the fix at once; the usual probes and an administrator's resume apply.
+        for a in &forwarder.config.accounts.clone() {
+            let blocked = forwarder
+                .lanes
+                .get(&a.name)
+                .and_then(|l| l.upstream.blocked_at_start());
+            if let Some(advice) = blocked {
+                warn!(account = %a.name, cause = %advice.cause, fix = %advice.fix, "account starts paused");
+                let event = Event::Finished {
+                    epoch: 0,
+                    signal: Some(AccountSignal::Paused(advice)),
+                };
+                forwarder.apply(&a.name, &event);
+            }
+        }
+        Ok(forwarder)
     }
 
     pub fn control(&self) -> Control {

@@ -8,12 +8,16 @@
 //! bodies need one whenever a token is configured. Every state-changing call needs the admin
 //! token as `Authorization: Bearer …`, or the page's session cookie plus this origin plus the
 //! session's CSRF token. Connections, timeouts and TLS handshakes are handled in `serve`.
+//! `/oauth/callback`, where Entra sends the browser back after a status-page sign-in, carries
+//! no credential of ours: the single-use `state` of a sign-in an admin started is its
+//! credential (see `signin`).
 
 pub mod api;
 pub mod auth;
 pub mod html;
 pub mod page;
 pub mod serve;
+pub mod signin;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,6 +51,8 @@ pub struct AppState {
     pub sessions: auth::Sessions,
     /// `POST /api/v1/reload`; `None` where the relay cannot reload (the answer is then 503).
     pub reloader: Option<Arc<Reloader>>,
+    /// Sign-ins started from the status page, waiting for Entra's redirect.
+    pub logins: signin::PendingLogins,
     /// Whether the socket is on loopback (`[http] listen` cannot change without a restart).
     loopback: bool,
 }
@@ -94,6 +100,7 @@ impl AppState {
             ready,
             sessions,
             reloader,
+            logins: signin::PendingLogins::default(),
             loopback,
         }
     }
@@ -280,6 +287,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/logout", post(page::logout))
         .route(
+            "/oauth/start/{account}",
+            post(signin::start).layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT)),
+        )
+        .route("/oauth/callback", get(signin::callback))
+        .route(
             "/ui/{kind}/{name}/{action}",
             post(page::ui_action).layer(axum::extract::DefaultBodyLimit::max(FORM_LIMIT)),
         )
@@ -331,10 +343,13 @@ async fn security_headers(req: axum::extract::Request, next: axum::middleware::N
         header::REFERRER_POLICY,
         HeaderValue::from_static("same-origin"),
     );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
-    );
+    // A handler may set a narrower-purpose policy of its own (the sign-in redirect).
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),
+        );
+    }
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
 }

@@ -43,7 +43,7 @@ form.inline{display:inline}button{margin:0 2px}.muted{color:#777}.msg{background
 code{font-size:12px}nav a{margin-right:1em}";
 
 /// The document's start, up to and including `<body>`.
-fn head(h: &mut Markup, title: &str, refresh: bool) {
+pub(super) fn head(h: &mut Markup, title: &str, refresh: bool) {
     h.put(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">",
         &[],
@@ -224,6 +224,18 @@ pub async fn status_page(
         } else {
             button(&mut action, csrf, "accounts", &name, "pause", "Pause");
         }
+        if let Some(csrf) = csrf
+            && state
+                .config
+                .accounts
+                .iter()
+                .any(|c| c.name == name && c.auth == crate::config::AccountAuth::Delegated)
+        {
+            action.put(
+                "<form class=\"inline\" method=\"post\" action=\"/oauth/start/{}\"><input type=\"hidden\" name=\"csrf\" value=\"{}\"><button type=\"submit\" data-action=\"signin\">Sign in with Microsoft</button></form>",
+                &[&name, &csrf],
+            );
+        }
         h.put(
             "<tr data-account=\"{}\"><td><b>{}</b> <span class=\"muted\">{} {}</span></td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             &[
@@ -352,7 +364,11 @@ pub async fn status_page(
         );
     }
     h.put("</table></body></html>", &[]);
-    Html(h.into_string()).into_response()
+    let mut r = Html(h.into_string()).into_response();
+    if let Some(csp) = super::signin::status_page_policy(&state) {
+        r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, csp);
+    }
+    r
 }
 
 pub async fn login_form(State(state): State<Arc<AppState>>) -> Response {

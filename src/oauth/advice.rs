@@ -124,9 +124,124 @@ pub fn advise(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (Advice, boo
     }
 }
 
+/// A delegated account that nobody has signed in to yet (no token file), or whose token file
+/// cannot be used.
+pub fn not_signed_in(account: &str, file: &std::path::Path, why: Option<&str>) -> Advice {
+    let cause = match why {
+        None => format!(
+            "Nobody has signed in for delegated account {account:?} yet (no refresh token in {}).",
+            file.display()
+        ),
+        Some(why) => {
+            format!("The refresh token of delegated account {account:?} cannot be used: {why}.")
+        }
+    };
+    Advice::new(
+        cause,
+        format!(
+            "Run exorelay login --account {account} as the mailbox's user (device code; add --browser to sign in with a browser on this machine). The relay picks the new sign-in up by itself; queued mail stays queued until then."
+        ),
+    )
+}
+
+/// Like [`advise`], for the delegated flows: a refresh token that no longer works
+/// (`invalid_grant`: expired, revoked, MFA or consent needed) is fixed by signing in again, so
+/// the fix names `exorelay login --account NAME`. Everything else is as for client credentials.
+pub fn advise_delegated(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (Advice, bool) {
+    let acct = ctx.account;
+    let client = ctx.client_id;
+    let login = format!("run exorelay login --account {acct}");
+    let relogin = |cause: String| {
+        (
+            Advice::new(
+                cause,
+                format!(
+                    "Sign in again: {login} (as the mailbox's user). Queued mail stays queued and goes out by itself after the sign-in."
+                ),
+            ),
+            true,
+        )
+    };
+    match code {
+        Some(700082) => relogin("The refresh token expired after 90 days without use (AADSTS700082).".into()),
+        Some(c @ (50173 | 70043)) => relogin(format!(
+            "The sign-in was revoked or has to be renewed (AADSTS{c}): a password change, an administrator's revocation or a sign-in frequency policy."
+        )),
+        Some(c @ (50076 | 50079)) => relogin(format!(
+            "Entra requires multi-factor authentication for this user (AADSTS{c}), which only an interactive sign-in can satisfy."
+        )),
+        Some(65001) => (
+            Advice::new(
+                "Consent to send mail as the user (SMTP.Send) was revoked or never granted (AADSTS65001).".to_string(),
+                format!("In App registrations > {client} > API permissions, add Office 365 Exchange Online > Delegated permissions > SMTP.Send (and offline_access) and grant consent; then {login}."),
+            ),
+            true,
+        ),
+        Some(c @ (70011 | 700022)) => (
+            Advice::new(
+                format!("Entra refused the requested scope (AADSTS{c})."),
+                format!("Leave scope unset on account {acct:?} (the cloud's SMTP.Send plus offline_access), or set it to the cloud's SMTP.Send permission and offline_access, e.g. \"https://outlook.office.com/SMTP.Send offline_access\"."),
+            ),
+            true,
+        ),
+        Some(54005) => relogin("The authorization code was already redeemed (AADSTS54005).".into()),
+        Some(700025) => (
+            Advice::new(
+                "The app is registered as a public client, which may not send a secret or certificate (AADSTS700025).".to_string(),
+                format!("Remove client_secret_file and certificate_file from account {acct:?}, or set 'Allow public client flows' to No in App registrations > {client} > Authentication."),
+            ),
+            true,
+        ),
+        Some(7000218) => (
+            Advice::new(
+                "The app is a confidential client, but the request carried no client secret or assertion (AADSTS7000218).".to_string(),
+                format!("In App registrations > {client} > Authentication, set 'Allow public client flows' to Yes, or set client_secret_file (or certificate_file) on account {acct:?}."),
+            ),
+            true,
+        ),
+        _ if matches!(error, "invalid_grant" | "interaction_required" | "consent_required") => {
+            relogin(format!(
+                "Entra no longer accepts the stored sign-in ({error}{}).",
+                code.map(|c| format!(", AADSTS{c}")).unwrap_or_default()
+            ))
+        }
+        _ => advise(code, error, ctx),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delegated_grant_failures_say_run_login() {
+        let ctx = Context {
+            account: "frontdesk",
+            tenant: "contoso.onmicrosoft.com",
+            client_id: "abc",
+            certificate: false,
+        };
+        for code in [700082, 50173, 70043, 50076, 65001] {
+            let (adv, config) = advise_delegated(Some(code), "invalid_grant", &ctx);
+            assert!(config, "{code} pauses the account");
+            assert!(
+                adv.fix.contains("exorelay login --account frontdesk"),
+                "{code}: {adv}"
+            );
+            assert!(adv.cause.contains(&code.to_string()), "{code}: {adv}");
+        }
+        let (adv, _) = advise_delegated(None, "invalid_grant", &ctx);
+        assert!(adv.fix.contains("exorelay login --account frontdesk"));
+        let (_, config) = advise_delegated(None, "temporarily_unavailable", &ctx);
+        assert!(!config, "a passing fault is retried, not paused");
+        let adv = not_signed_in(
+            "frontdesk",
+            std::path::Path::new("/s/frontdesk.refresh-token"),
+            None,
+        );
+        assert!(adv.fix.contains("exorelay login --account frontdesk"));
+        assert!(adv.cause.contains("/s/frontdesk.refresh-token"));
+    }
 
     #[test]
     fn codes_map_to_fixes() {

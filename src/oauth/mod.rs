@@ -1,4 +1,5 @@
-//! Access tokens for Exchange Online: client credentials with a secret or a certificate.
+//! Access tokens for Exchange Online: client credentials with a secret or a certificate, or a
+//! delegated sign-in (`auth = "delegated"`) whose refresh token this module keeps rotating.
 //!
 //! Contract of [`TokenManager::token`]:
 //! - one cache per account; a token is reused until it is close to expiry (10 minutes before, or
@@ -8,11 +9,31 @@
 //!   (1 s doubling to 60 s) has passed, so a broken credential does not hammer Entra;
 //! - errors carry Microsoft's `error` and AADSTS code and an [`Advice`] for the administrator.
 //!
-//! Plain reqwest is used rather than the oauth2 crate: Entra's `error_codes` field, which the
-//! advice is keyed on, is dropped by oauth2's standard error type.
+//! Delegated accounts (contract on top of the above):
+//! - every token request reads the account's token file ([`store`]), so a fresh
+//!   `exorelay login` is picked up by the running relay without a restart: the file always wins
+//!   over memory, and a new sign-in in the file is tried at once, even during a failure backoff;
+//! - the refresh grant goes through the oauth2 crate ([`entra`]); the rotated refresh token is
+//!   persisted (atomically) *before* the access token is returned, so a crash between the two
+//!   loses nothing but the access token; if it cannot be persisted the access token is not used;
+//! - no token file yet means "not signed in": [`TokenManager::new`] still succeeds, and
+//!   [`TokenManager::blocked_at_start`] gives the "run exorelay login --account NAME" advice the
+//!   forwarder starts the account paused with. A refused grant (`invalid_grant`: AADSTS700082,
+//!   50173, 70043, 50076, 65001) is a configuration error with that advice, which pauses the
+//!   account; mail stays queued;
+//! - [`keepalive`] refreshes an idle account's grant once a day, so it never expires from
+//!   inactivity (Entra: 90 days).
+//!
+//! Client credentials use plain reqwest; the delegated flows use the oauth2 crate with
+//! [`entra::EntraError`], which keeps Entra's `error_codes` (oauth2's standard error type drops
+//! them, and the advice is keyed on them).
 
 pub mod advice;
 pub mod assertion;
+pub mod entra;
+pub mod keepalive;
+pub mod login;
+pub mod store;
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,8 +41,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::advice::Advice;
-use crate::config::AccountConfig;
+use crate::config::{AccountAuth, AccountConfig};
 use assertion::AssertionSigner;
+use entra::ClientAuth;
+use store::{Grant, StoreError, TokenStore};
 
 /// An access token. Its value never appears in `Debug` output or logs.
 #[derive(Clone)]
@@ -75,27 +98,10 @@ pub struct TokenError {
     pub advice: Advice,
 }
 
-/// Read from disk at every token request, so an administrator who replaces an expired secret
-/// or certificate does not have to restart the relay.
-enum Credential {
-    Secret(std::path::PathBuf),
-    Certificate {
-        cert: std::path::PathBuf,
-        key: std::path::PathBuf,
-        alg: crate::config::AssertionAlgorithm,
-    },
-}
-
-impl Credential {
-    fn secret(path: &std::path::Path) -> Result<String, String> {
-        let s = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read client_secret_file {}: {e}", path.display()))?;
-        let s = s.trim();
-        if s.is_empty() {
-            return Err(format!("client_secret_file {} is empty", path.display()));
-        }
-        Ok(s.to_string())
-    }
+/// A delegated account's sign-in: its token file, and the account for building the client.
+struct Delegated {
+    store: TokenStore,
+    account: AccountConfig,
 }
 
 #[derive(Default)]
@@ -103,6 +109,9 @@ struct Cache {
     token: Option<AccessToken>,
     failure: Option<(TokenError, Instant)>,
     failures: u32,
+    /// Delegated: the refresh token the last failure was had with (memory only). A different
+    /// one in the file is a new sign-in, tried without waiting out the backoff.
+    failed_refresh: Option<String>,
 }
 
 pub struct TokenManager {
@@ -112,7 +121,12 @@ pub struct TokenManager {
     token_url: String,
     client_id: String,
     scope: String,
-    credential: Credential,
+    /// The app's own credential, read from disk at every token request, so an administrator
+    /// who replaces an expired secret or certificate does not have to restart the relay.
+    credential: ClientAuth,
+    delegated: Option<Delegated>,
+    /// Delegated: when the grant was last refreshed, on tokio's clock (for [`keepalive`]).
+    refreshed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
     cache: tokio::sync::Mutex<Cache>,
     requests: AtomicU64,
     metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -142,22 +156,29 @@ impl TokenManager {
     /// Builds the manager for an `exchange` account (validated config); reads the credential.
     pub fn new(a: &AccountConfig) -> Result<TokenManager, String> {
         // Read once here so a broken credential fails at startup, not at the first message.
-        let credential = match (&a.client_secret_file, &a.certificate_file) {
-            (Some(f), _) => {
-                Credential::secret(f)?;
-                Credential::Secret(f.clone())
+        // A delegated account's missing token file is not an error: it starts paused.
+        let credential = ClientAuth::of(a);
+        match &credential {
+            ClientAuth::Secret(_) => {
+                credential.secret()?;
             }
-            (None, Some(cert)) => {
-                let key = a.private_key_file.clone().unwrap_or_else(|| cert.clone());
-                AssertionSigner::load(cert, &key, a.assertion_algorithm)?;
-                Credential::Certificate {
-                    cert: cert.clone(),
-                    key,
-                    alg: a.assertion_algorithm,
-                }
+            ClientAuth::Certificate { cert, key, alg } => {
+                AssertionSigner::load(cert, key, *alg)?;
             }
-            (None, None) => return Err("no credential configured".into()),
-        };
+            ClientAuth::Public if a.auth == AccountAuth::ClientCredentials => {
+                return Err("no credential configured".into());
+            }
+            ClientAuth::Public => {}
+        }
+        let delegated = (a.auth == AccountAuth::Delegated).then(|| Delegated {
+            store: TokenStore::new(&a.token_file),
+            account: a.clone(),
+        });
+        let refreshed_at = delegated
+            .as_ref()
+            .and_then(|d| d.store.load().ok().flatten())
+            .and_then(|g| (chrono::Utc::now() - g.obtained_at).to_std().ok())
+            .and_then(|age| tokio::time::Instant::now().checked_sub(age));
         Ok(TokenManager {
             http: http_client(a.ca_file.as_deref())?,
             account: a.name.clone(),
@@ -166,6 +187,8 @@ impl TokenManager {
             client_id: a.client_id.clone().unwrap_or_default(),
             scope: a.scope().to_string(),
             credential,
+            delegated,
+            refreshed_at: std::sync::Mutex::new(refreshed_at),
             cache: tokio::sync::Mutex::new(Cache::default()),
             requests: AtomicU64::new(0),
             metrics: None,
@@ -193,14 +216,78 @@ impl TokenManager {
 
     /// A usable token, from the cache or from Entra.
     pub async fn token(&self) -> Result<AccessToken, TokenError> {
+        self.obtain(false).await
+    }
+
+    /// Delegated: refreshes the grant now, whatever the cached access token (the keep-alive of
+    /// an idle account). Does nothing for other accounts or before the first sign-in.
+    pub async fn refresh_grant(&self) -> Result<(), TokenError> {
+        if self.delegated.is_some() {
+            self.obtain(true).await?;
+        }
+        Ok(())
+    }
+
+    /// Delegated and signed in, with a grant last refreshed `max_age` ago or more (as of `now`).
+    pub fn grant_older_than(&self, max_age: Duration, now: tokio::time::Instant) -> bool {
+        let Some(d) = &self.delegated else {
+            return false;
+        };
+        if !d.store.path().exists() {
+            return false;
+        }
+        let at = self.refreshed_at.lock().ok().and_then(|g| *g);
+        at.is_none_or(|at| now.saturating_duration_since(at) >= max_age)
+    }
+
+    pub fn is_delegated(&self) -> bool {
+        self.delegated.is_some()
+    }
+
+    /// Delegated: the token file.
+    pub fn token_file(&self) -> Option<&std::path::Path> {
+        self.delegated.as_ref().map(|d| d.store.path())
+    }
+
+    /// Delegated: who signed in and when, from the token file (`None`: not signed in).
+    pub fn signed_in(&self) -> Result<Option<Grant>, StoreError> {
+        match &self.delegated {
+            Some(d) => d.store.load(),
+            None => Ok(None),
+        }
+    }
+
+    /// Why the account cannot send before any attempt: a delegated account nobody has signed
+    /// in to yet, or whose token file is unreadable. The forwarder starts it paused with this.
+    pub fn blocked_at_start(&self) -> Option<Advice> {
+        let d = self.delegated.as_ref()?;
+        match d.store.load() {
+            Ok(Some(_)) => None,
+            Ok(None) => Some(advice::not_signed_in(&self.account, d.store.path(), None)),
+            Err(e) => Some(advice::not_signed_in(
+                &self.account,
+                d.store.path(),
+                Some(&e.to_string()),
+            )),
+        }
+    }
+
+    async fn obtain(&self, force: bool) -> Result<AccessToken, TokenError> {
         let mut cache = self.cache.lock().await;
-        if let Some(t) = &cache.token
+        if !force
+            && let Some(t) = &cache.token
             && t.is_fresh()
         {
             return Ok(t.clone());
         }
+        let loaded = self.delegated.as_ref().map(|d| d.store.load());
+        let file_refresh = match &loaded {
+            Some(Ok(Some(g))) => Some(g.refresh_token.clone()),
+            _ => None,
+        };
         if let Some((err, retry_at)) = &cache.failure
             && Instant::now() < *retry_at
+            && (self.delegated.is_none() || cache.failed_refresh == file_refresh)
         {
             return Err(err.clone());
         }
@@ -208,7 +295,11 @@ impl TokenManager {
         if let Some(m) = &self.metrics {
             m.token_requests.get_or_create(&label).inc();
         }
-        match self.request().await {
+        let result = match (&self.delegated, loaded) {
+            (Some(d), Some(loaded)) => self.refresh(d, loaded).await,
+            _ => self.request().await,
+        };
+        match result {
             Ok(t) => {
                 if let Some(m) = &self.metrics {
                     let exp = t
@@ -232,6 +323,7 @@ impl TokenManager {
                 let backoff =
                     Duration::from_secs(1 << cache.failures.min(6)).min(Duration::from_secs(60));
                 cache.failure = Some((e.clone(), Instant::now() + backoff));
+                cache.failed_refresh = file_refresh;
                 tracing::warn!(account = %self.account, error = %e.error, code = ?e.code, cause = %e.advice.cause, fix = %e.advice.fix, "token request failed");
                 Err(e)
             }
@@ -256,9 +348,13 @@ impl TokenManager {
             account: &self.account,
             tenant: &self.tenant,
             client_id: &self.client_id,
-            certificate: matches!(self.credential, Credential::Certificate { .. }),
+            certificate: self.credential.is_certificate(),
         };
-        let (advice, config) = advice::advise(code, error, &ctx);
+        let (advice, config) = if self.delegated.is_some() {
+            advice::advise_delegated(code, error, &ctx)
+        } else {
+            advice::advise(code, error, &ctx)
+        };
         TokenError {
             error: error.to_string(),
             code,
@@ -296,17 +392,28 @@ impl TokenManager {
             advice: Advice::new(format!("{e}."), fix),
         };
         match &self.credential {
-            Credential::Secret(path) => {
-                let secret = Credential::secret(path).map_err(|e| {
-                    local(
-                        "client_secret_file",
-                        e,
-                        "Put the client secret's Value into the file (mode 600).",
-                    )
-                })?;
+            ClientAuth::Public => {
+                return Err(local(
+                    "credential",
+                    "No client secret or certificate is configured".into(),
+                    "Set client_secret_file, or certificate_file and private_key_file.",
+                ));
+            }
+            ClientAuth::Secret(_) => {
+                let secret = self
+                    .credential
+                    .secret()
+                    .and_then(|s| s.ok_or_else(|| "no client secret".to_string()))
+                    .map_err(|e| {
+                        local(
+                            "client_secret_file",
+                            e,
+                            "Put the client secret's Value into the file (mode 600).",
+                        )
+                    })?;
                 form.push(("client_secret", secret));
             }
-            Credential::Certificate { cert, key, alg } => {
+            ClientAuth::Certificate { cert, key, alg } => {
                 let fix = "Check certificate_file and private_key_file.";
                 let signer = AssertionSigner::load(cert, key, *alg)
                     .map_err(|e| local("certificate_file", e, fix))?;
@@ -333,29 +440,7 @@ impl TokenManager {
             .form(&form)
             .send()
             .await
-            .map_err(|e| match crate::tls::certificate_problem(&e) {
-                Some(why) => {
-                    let host = e
-                        .url()
-                        .map(|u| {
-                            format!(
-                                "{}:{}",
-                                u.host_str().unwrap_or(""),
-                                u.port_or_known_default().unwrap_or(443)
-                            )
-                        })
-                        .unwrap_or_else(|| self.token_url.clone());
-                    TokenError {
-                        error: "untrusted_certificate".into(),
-                        code: None,
-                        config: true,
-                        advice: crate::upstream::exchange::classify::untrusted_certificate(
-                            &host, &why,
-                        ),
-                    }
-                }
-                None => self.transient(without_url(&e)),
-            })?;
+            .map_err(|e| self.send_error(&e))?;
         let status = response.status();
         let body = response
             .bytes()
@@ -391,6 +476,160 @@ impl TokenManager {
         let lifetime = Duration::from_secs(expires_in.max(1));
         Ok(AccessToken {
             secret: Arc::from(token),
+            expires_at: sent + lifetime,
+            expires_wall: SystemTime::now() + lifetime,
+            lifetime,
+        })
+    }
+}
+
+impl TokenManager {
+    /// A request that got no answer: an untrusted certificate (configuration) or a passing fault.
+    fn send_error(&self, e: &reqwest::Error) -> TokenError {
+        match crate::tls::certificate_problem(e) {
+            Some(why) => {
+                let host = e
+                    .url()
+                    .map(|u| {
+                        format!(
+                            "{}:{}",
+                            u.host_str().unwrap_or(""),
+                            u.port_or_known_default().unwrap_or(443)
+                        )
+                    })
+                    .unwrap_or_else(|| self.token_url.clone());
+                TokenError {
+                    error: "untrusted_certificate".into(),
+                    code: None,
+                    config: true,
+                    advice: crate::upstream::exchange::classify::untrusted_certificate(&host, &why),
+                }
+            }
+            None => self.transient(without_url(e)),
+        }
+    }
+
+    /// Maps an oauth2 failure to a [`TokenError`]; a reply body is never quoted (it may hold a
+    /// token).
+    fn oauth_error(
+        &self,
+        e: oauth2::RequestTokenError<oauth2::HttpClientError<reqwest::Error>, entra::EntraError>,
+    ) -> TokenError {
+        use oauth2::{HttpClientError, RequestTokenError};
+        match e {
+            RequestTokenError::ServerResponse(r) => self.fail(&r.error, r.code()),
+            RequestTokenError::Request(HttpClientError::Reqwest(e)) => self.send_error(&e),
+            RequestTokenError::Request(other) => self.transient(other.to_string()),
+            RequestTokenError::Parse(_, body) => {
+                if serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
+                    self.fail("unreadable reply", None)
+                } else {
+                    self.transient("the token endpoint sent a reply that is not JSON".into())
+                }
+            }
+            RequestTokenError::Other(what) => self.transient(what),
+        }
+    }
+
+    fn local_config_error(&self, what: &str, cause: String, fix: String) -> TokenError {
+        TokenError {
+            error: what.into(),
+            code: None,
+            config: true,
+            advice: Advice::new(cause, fix),
+        }
+    }
+
+    /// The refresh-token grant of a delegated account; persists the rotated refresh token
+    /// before it returns the access token.
+    async fn refresh(
+        &self,
+        d: &Delegated,
+        loaded: Result<Option<Grant>, StoreError>,
+    ) -> Result<AccessToken, TokenError> {
+        let grant = match loaded {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                return Err(TokenError {
+                    error: "not_signed_in".into(),
+                    code: None,
+                    config: true,
+                    advice: advice::not_signed_in(&self.account, d.store.path(), None),
+                });
+            }
+            Err(e) => {
+                return Err(TokenError {
+                    error: "token_file".into(),
+                    code: None,
+                    config: true,
+                    advice: advice::not_signed_in(
+                        &self.account,
+                        d.store.path(),
+                        Some(&e.to_string()),
+                    ),
+                });
+            }
+        };
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let fix =
+            || "Check client_secret_file, or certificate_file and private_key_file.".to_string();
+        let client = entra::client(&d.account, &self.credential)
+            .map_err(|e| self.local_config_error("credential", format!("{e}."), fix()))?;
+        let extra = self
+            .credential
+            .extra_params(&self.client_id, &self.token_url)
+            .map_err(|e| self.local_config_error("credential", format!("{e}."), fix()))?;
+        let rt = oauth2::RefreshToken::new(grant.refresh_token.clone());
+        let mut request = client
+            .exchange_refresh_token(&rt)
+            .add_scopes(entra::scopes(&d.account));
+        for (k, v) in extra {
+            request = request.add_extra_param(k, v);
+        }
+        let sent = Instant::now();
+        let response = request
+            .request_async(&self.http)
+            .await
+            .map_err(|e| self.oauth_error(e))?;
+        use oauth2::TokenResponse;
+        let access = response.access_token().secret().clone();
+        if access.is_empty() {
+            return Err(self.fail("reply without access_token", None));
+        }
+        // Entra rotates the refresh token on every use; keep the old one only if none came.
+        let rotated = Grant {
+            refresh_token: response
+                .refresh_token()
+                .map(|r| r.secret().clone())
+                .unwrap_or(grant.refresh_token),
+            obtained_at: chrono::Utc::now(),
+            user: entra::signed_in_user(&access).or(grant.user),
+        };
+        let store = d.store.clone();
+        tokio::task::spawn_blocking(move || store.save(&rotated))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r.map_err(std::io::Error::other))
+            .map_err(|e| {
+                self.local_config_error(
+                    "token_file",
+                    format!("The rotated refresh token could not be saved ({e}), so the sign-in is lost."),
+                    format!(
+                        "Make the state folder {} writable by exorelay, then run exorelay login --account {}.",
+                        d.store.path().parent().map(|p| p.display().to_string()).unwrap_or_default(),
+                        self.account
+                    ),
+                )
+            })?;
+        if let Ok(mut at) = self.refreshed_at.lock() {
+            *at = Some(tokio::time::Instant::now());
+        }
+        let lifetime = response
+            .expires_in()
+            .unwrap_or(Duration::from_secs(3599))
+            .max(Duration::from_secs(1));
+        Ok(AccessToken {
+            secret: Arc::from(access.as_str()),
             expires_at: sent + lifetime,
             expires_wall: SystemTime::now() + lifetime,
             lifetime,

@@ -72,4 +72,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait Upstream: Send + Sync {
     /// Attempts delivery of `job`.
     fn deliver<'a>(&'a self, job: &'a Job<'a>) -> BoxFuture<'a, Attempt>;
+
+    /// A configuration problem known before any attempt (a delegated account nobody has
+    /// signed in to yet): the forwarder starts the account paused with this advice.
+    fn blocked_at_start(&self) -> Option<Advice> {
+        None
+    }
 }

@@ -3,6 +3,14 @@
 //! demands STARTTLS before AUTH, checks XOAUTH2 bearer tokens against those it issued (one-line
 //! and two-step forms), enforces MAIL FROM = mailbox unless SendAs is granted, the 30-per-window
 //! rate and 3 connections per mailbox, and plays scripted faults.
+//!
+//! Delegated flows ([`DelegatedFake`]): a device code endpoint (pending polls, `slow_down`
+//! once, `expired_token`, `access_denied` / `authorization_declined` knobs), an authorize
+//! endpoint that acts as the user's browser consent (302 to `redirect_uri?code=..&state=..`,
+//! echoing `state`) and a token endpoint that checks the PKCE verifier and `redirect_uri`,
+//! rotates refresh tokens and accepts each one once (stricter than Entra), and answers
+//! `invalid_grant` with the AADSTS code of a revocation. Delegated access tokens carry `upn`
+//! and work against the SMTP side's XOAUTH2 check.
 #![allow(dead_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -27,6 +35,52 @@ pub const TENANT: &str = "contoso.onmicrosoft.com";
 pub const CLIENT_ID: &str = "11111111-2222-3333-4444-555555555555";
 pub const SECRET: &str = "fake-Secret~Value.12345";
 pub const MAILBOX: &str = "relay@contoso.com";
+/// The delegated scope the fake accepts.
+pub const DELEGATED_SCOPE: &str = "https://outlook.office.com/SMTP.Send offline_access";
+
+/// How a device code ends once its pending polls are used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceOutcome {
+    #[default]
+    Approve,
+    Expired,
+    AccessDenied,
+    Declined,
+}
+
+struct Device {
+    pending_left: usize,
+    slow_down: bool,
+    outcome: DeviceOutcome,
+}
+
+struct Code {
+    challenge: String,
+    redirect_uri: String,
+}
+
+/// Delegated-flow state and knobs.
+#[derive(Default)]
+pub struct DelegatedFake {
+    /// Refresh tokens that work (each once).
+    pub refresh_tokens: HashSet<String>,
+    /// Revoked refresh tokens and the AADSTS code they are refused with.
+    pub revoked: HashMap<String, u32>,
+    /// Refresh tokens issued, in order.
+    pub issued_refresh: Vec<String>,
+    /// Successful refresh grants.
+    pub refreshes: usize,
+    /// Knobs for the next device code: pending polls before the outcome, one slow_down first.
+    pub device_pending_polls: usize,
+    pub device_slow_down: bool,
+    pub device_outcome: DeviceOutcome,
+    /// The `interval` the device code endpoint announces (seconds).
+    pub device_interval: u64,
+    /// When each device-code poll arrived.
+    pub device_polls: Vec<Instant>,
+    devices: HashMap<String, Device>,
+    codes: HashMap<String, Code>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Delivered {
@@ -92,6 +146,7 @@ pub struct FakeState {
     pub sessions: AtomicUsize,
     /// Every MAIL FROM with when it came and the reply code it got.
     pub mail_log: Mutex<Vec<(Instant, u16)>>,
+    pub delegated: Mutex<DelegatedFake>,
     app_cert_der: Vec<u8>,
     app_public_key: Vec<u8>,
 }
@@ -157,6 +212,7 @@ impl FakeExchange {
             pipelined_groups: AtomicUsize::new(0),
             sessions: AtomicUsize::new(0),
             mail_log: Mutex::new(Vec::new()),
+            delegated: Mutex::new(DelegatedFake::default()),
             app_cert_der: cert_der,
             app_public_key: public,
         });
@@ -166,6 +222,14 @@ impl FakeExchange {
         *state.http_addr.lock().unwrap() = Some(http_addr);
         let app = axum::Router::new()
             .route("/{tenant}/oauth2/v2.0/token", axum::routing::post(token))
+            .route(
+                "/{tenant}/oauth2/v2.0/devicecode",
+                axum::routing::post(devicecode),
+            )
+            .route(
+                "/{tenant}/oauth2/v2.0/authorize",
+                axum::routing::get(authorize),
+            )
             .with_state(state.clone());
         tokio::spawn(async move {
             let _ = axum::serve(http, app).await;
@@ -237,6 +301,21 @@ impl FakeExchange {
     /// Forgets every issued token, as a revocation would.
     pub fn revoke_tokens(&self) {
         self.state.tokens.lock().unwrap().clear();
+    }
+
+    pub fn delegated(&self) -> std::sync::MutexGuard<'_, DelegatedFake> {
+        self.state.delegated.lock().unwrap()
+    }
+
+    /// Revokes every refresh token issued so far: each is refused with `invalid_grant` and
+    /// AADSTS`code` (50173 revoked, 700082 expired, 70043 sign-in frequency, 50076 MFA, 65001
+    /// consent). Refresh tokens from a later sign-in work.
+    pub fn revoke_grants(&self, code: u32) {
+        let mut d = self.state.delegated.lock().unwrap();
+        let live: Vec<String> = d.refresh_tokens.drain().collect();
+        for t in live {
+            d.revoked.insert(t, code);
+        }
     }
 
     pub fn set_rate(&self, limit: usize, window: Duration) {
@@ -342,6 +421,9 @@ async fn token(
         );
     }
     if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        if let Some(response) = delegated_token(&st, &form) {
+            return response;
+        }
         return aad_error(
             StatusCode::BAD_REQUEST,
             "unsupported_grant_type",
@@ -424,6 +506,268 @@ async fn token(
         .insert(tok.clone(), Instant::now() + lifetime);
     st.issued.lock().unwrap().push(tok.clone());
     axum::Json(serde_json::json!({"token_type": "Bearer", "expires_in": lifetime.as_secs().max(1), "ext_expires_in": lifetime.as_secs().max(1), "access_token": tok}))
+        .into_response()
+}
+
+fn random_id(prefix: &str) -> String {
+    format!(
+        "{prefix}{:016x}{:016x}",
+        fastrand::u64(..),
+        fastrand::u64(..)
+    )
+}
+
+/// The delegated grants at the token endpoint; `None` for other grant types.
+fn delegated_token(
+    st: &FakeState,
+    form: &HashMap<String, String>,
+) -> Option<axum::response::Response> {
+    let grant = form.get("grant_type").map(String::as_str)?;
+    if !matches!(
+        grant,
+        "refresh_token" | "authorization_code" | "urn:ietf:params:oauth:grant-type:device_code"
+    ) {
+        return None;
+    }
+    let bad = |error: &str, code: u32, text: &str| {
+        Some(aad_error(StatusCode::BAD_REQUEST, error, code, text))
+    };
+    if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
+        return bad(
+            "unauthorized_client",
+            700016,
+            "Application not found in the directory.",
+        );
+    }
+    if let Some(secret) = form.get("client_secret")
+        && secret != SECRET
+    {
+        return Some(aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            7000215,
+            "Invalid client secret provided.",
+        ));
+    }
+    // Device-code polls carry no scope (RFC 8628); the device code request had it.
+    if grant == "refresh_token" && form.get("scope").map(String::as_str) != Some(DELEGATED_SCOPE) {
+        return bad(
+            "invalid_scope",
+            70011,
+            "The provided value for scope is not valid.",
+        );
+    }
+    let mut d = st.delegated.lock().unwrap();
+    match grant {
+        "refresh_token" => {
+            let rt = form.get("refresh_token").cloned().unwrap_or_default();
+            if let Some(code) = d.revoked.get(&rt).copied() {
+                return bad("invalid_grant", code, "The refresh token has been revoked.");
+            }
+            // Single use: stricter than Entra, so a relay that keeps an old token is caught.
+            if !d.refresh_tokens.remove(&rt) {
+                return bad(
+                    "invalid_grant",
+                    70000,
+                    "Provided grant is invalid or malformed.",
+                );
+            }
+            d.refreshes += 1;
+        }
+        "authorization_code" => {
+            let code = form.get("code").cloned().unwrap_or_default();
+            let Some(c) = d.codes.remove(&code) else {
+                return bad(
+                    "invalid_grant",
+                    54005,
+                    "OAuth2 Authorization code was already redeemed.",
+                );
+            };
+            if form.get("redirect_uri") != Some(&c.redirect_uri) {
+                return bad(
+                    "invalid_grant",
+                    50011,
+                    "The redirect URI does not match the one of the authorization request.",
+                );
+            }
+            let verifier = form.get("code_verifier").cloned().unwrap_or_default();
+            let challenge = URL_SAFE_NO_PAD.encode(ring::digest::digest(
+                &ring::digest::SHA256,
+                verifier.as_bytes(),
+            ));
+            if challenge != c.challenge {
+                return bad(
+                    "invalid_grant",
+                    501481,
+                    "The Code_Verifier does not match the code_challenge supplied in the authorization request.",
+                );
+            }
+        }
+        _ => {
+            d.device_polls.push(Instant::now());
+            let dc = form.get("device_code").cloned().unwrap_or_default();
+            let Some(dev) = d.devices.get_mut(&dc) else {
+                return bad("invalid_grant", 70000, "bad_verification_code");
+            };
+            if dev.slow_down {
+                dev.slow_down = false;
+                return bad("slow_down", 70016, "Slow down.");
+            }
+            if dev.pending_left > 0 {
+                dev.pending_left -= 1;
+                return bad(
+                    "authorization_pending",
+                    70016,
+                    "OAuth 2.0 device flow error. Authorization is pending.",
+                );
+            }
+            match dev.outcome {
+                DeviceOutcome::Approve => {
+                    d.devices.remove(&dc);
+                }
+                DeviceOutcome::Expired => {
+                    return bad(
+                        "expired_token",
+                        70020,
+                        "The provided value for the input parameter 'device_code' is not valid. This device code has expired.",
+                    );
+                }
+                DeviceOutcome::AccessDenied => {
+                    return bad("access_denied", 70000, "The user denied the request.");
+                }
+                DeviceOutcome::Declined => {
+                    return bad(
+                        "authorization_declined",
+                        70000,
+                        "The end user declined the authorization request.",
+                    );
+                }
+            }
+        }
+    }
+    let refresh = random_id("rt-");
+    d.refresh_tokens.insert(refresh.clone());
+    d.issued_refresh.push(refresh.clone());
+    drop(d);
+    let lifetime = *st.lifetime.lock().unwrap();
+    let exp = now_secs() + lifetime.as_secs().max(1);
+    let payload = serde_json::json!({
+        "aud": "https://outlook.office.com", "scp": "SMTP.Send", "upn": MAILBOX,
+        "tid": "9999-tenant-guid", "appid": CLIENT_ID, "exp": exp, "iat": now_secs(),
+        "jti": format!("{:016x}", fastrand::u64(..)),
+    });
+    let tok = format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(payload.to_string()),
+        URL_SAFE_NO_PAD.encode(fastrand::u64(..).to_be_bytes())
+    );
+    st.tokens
+        .lock()
+        .unwrap()
+        .insert(tok.clone(), Instant::now() + lifetime);
+    st.issued.lock().unwrap().push(tok.clone());
+    Some(
+        axum::Json(serde_json::json!({
+            "token_type": "Bearer", "scope": "https://outlook.office.com/SMTP.Send",
+            "expires_in": lifetime.as_secs().max(1), "ext_expires_in": lifetime.as_secs().max(1),
+            "access_token": tok, "refresh_token": refresh,
+        }))
+        .into_response(),
+    )
+}
+
+async fn devicecode(
+    State(st): State<Arc<FakeState>>,
+    Path(tenant): Path<String>,
+    axum::Form(form): axum::Form<HashMap<String, String>>,
+) -> axum::response::Response {
+    if tenant != TENANT {
+        return aad_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            90002,
+            &format!("Tenant '{tenant}' not found."),
+        );
+    }
+    if form.get("client_id").map(String::as_str) != Some(CLIENT_ID) {
+        return aad_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            "Application not found in the directory.",
+        );
+    }
+    if form.get("scope").map(String::as_str) != Some(DELEGATED_SCOPE) {
+        return aad_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_scope",
+            70011,
+            "The provided value for scope is not valid.",
+        );
+    }
+    let mut d = st.delegated.lock().unwrap();
+    let device_code = random_id("dc-");
+    let user_code = format!("F{:08X}", fastrand::u32(..));
+    let dev = Device {
+        pending_left: d.device_pending_polls,
+        slow_down: d.device_slow_down,
+        outcome: d.device_outcome,
+    };
+    d.devices.insert(device_code.clone(), dev);
+    let interval = d.device_interval;
+    axum::Json(serde_json::json!({
+        "device_code": device_code, "user_code": user_code,
+        "verification_uri": "https://microsoft.com/devicelogin",
+        "expires_in": 900, "interval": interval,
+        "message": format!("To sign in, use a web browser to open the page https://microsoft.com/devicelogin and enter the code {user_code} to authenticate."),
+    }))
+    .into_response()
+}
+
+/// The user's browser at Entra: consent is given at once, and the browser is sent back.
+async fn authorize(
+    State(st): State<Arc<FakeState>>,
+    Path(tenant): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> axum::response::Response {
+    let ok = tenant == TENANT
+        && q.get("client_id").map(String::as_str) == Some(CLIENT_ID)
+        && q.get("response_type").map(String::as_str) == Some("code")
+        && q.get("code_challenge_method").map(String::as_str) == Some("S256")
+        && q.get("scope").map(String::as_str) == Some(DELEGATED_SCOPE);
+    let (Some(redirect), Some(challenge), Some(state)) = (
+        q.get("redirect_uri"),
+        q.get("code_challenge"),
+        q.get("state"),
+    ) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "missing redirect_uri, code_challenge or state",
+        )
+            .into_response();
+    };
+    if !ok {
+        return (StatusCode::BAD_REQUEST, "bad authorize request").into_response();
+    }
+    let code = random_id("code-");
+    st.delegated.lock().unwrap().codes.insert(
+        code.clone(),
+        Code {
+            challenge: challenge.clone(),
+            redirect_uri: redirect.clone(),
+        },
+    );
+    let Ok(mut back) = reqwest::Url::parse(redirect) else {
+        return (StatusCode::BAD_REQUEST, "bad redirect_uri").into_response();
+    };
+    back.query_pairs_mut()
+        .append_pair("code", &code)
+        .append_pair("state", state);
+    (
+        StatusCode::FOUND,
+        [(axum::http::header::LOCATION, back.to_string())],
+    )
         .into_response()
 }
 

@@ -2,6 +2,7 @@
 //! throwaway TLS certificates and a log buffer that tests search for leaked secrets.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod fake_exchange;
 
 use std::io::Write;

@@ -951,4 +951,8 @@ impl Upstream for Exchange {
     fn deliver<'a>(&'a self, job: &'a Job<'a>) -> BoxFuture<'a, Attempt> {
         Box::pin(self.deliver_job(job))
     }
+
+    fn blocked_at_start(&self) -> Option<Advice> {
+        self.tokens.blocked_at_start()
+    }
 }

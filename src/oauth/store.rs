@@ -1,0 +1,199 @@
+//! The refresh token of a delegated account, kept in `<state_dir>/<account>.refresh-token`.
+//!
+//! Contract:
+//! - the file is JSON ([`Grant`]): the refresh token, when it was obtained, and who signed in
+//!   when that is known. It is created with mode 0600 (open with the mode, never chmod after),
+//!   and its folder with 0700 when this module creates it;
+//! - [`TokenStore::save`] is atomic: a temporary file in the same folder is written and
+//!   fsynced, renamed over the old file, and the folder is fsynced. A crash leaves the old
+//!   grant or the new one, never a torn file. Entra rotates the refresh token on every use, so
+//!   the caller saves the newest one *before* it uses the access token that came with it;
+//! - [`TokenStore::load`] reads the file on every call (a fresh `exorelay login` is picked up by
+//!   a running relay); a missing file is `Ok(None)` (never signed in), not an error;
+//! - the token never appears in `Debug` output, errors or logs.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// What a sign-in left behind.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Grant {
+    pub refresh_token: String,
+    /// When this refresh token was issued to us (a sign-in or the last rotation).
+    pub obtained_at: DateTime<Utc>,
+    /// Who signed in (`upn` or `preferred_username` of the access token), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl fmt::Debug for Grant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Grant")
+            .field("obtained_at", &self.obtained_at)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a token file written by exorelay login ({why})")]
+    Corrupt { path: String, why: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// One account's token file.
+#[derive(Debug, Clone)]
+pub struct TokenStore {
+    path: PathBuf,
+}
+
+impl TokenStore {
+    pub fn new(path: impl Into<PathBuf>) -> TokenStore {
+        TokenStore { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored grant; `None` when nobody has signed in yet.
+    pub fn load(&self) -> Result<Option<Grant>, StoreError> {
+        let shown = self.path.display().to_string();
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: shown,
+                    source,
+                });
+            }
+        };
+        // serde_json's message names a position, never the value, so the token stays out.
+        let grant: Grant = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+            path: shown.clone(),
+            why: e.to_string(),
+        })?;
+        if grant.refresh_token.is_empty() {
+            return Err(StoreError::Corrupt {
+                path: shown,
+                why: "empty refresh_token".into(),
+            });
+        }
+        Ok(Some(grant))
+    }
+
+    /// Replaces the stored grant atomically (temp file, fsync, rename, fsync of the folder).
+    pub fn save(&self, grant: &Grant) -> Result<(), StoreError> {
+        let err = |source| StoreError::Write {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(err)?;
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.{:016x}.tmp", fastrand::u64(..)));
+        let body = serde_json::to_vec_pretty(grant).map_err(|e| err(std::io::Error::other(e)))?;
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&body)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            std::fs::File::open(&dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn save_is_private_and_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("state/contoso.refresh-token"));
+        assert!(
+            store.load().unwrap().is_none(),
+            "missing file = not signed in"
+        );
+        let grant = Grant {
+            refresh_token: "rt-one".into(),
+            obtained_at: Utc::now(),
+            user: Some("relay@contoso.com".into()),
+        };
+        store.save(&grant).unwrap();
+        let mode = std::fs::metadata(store.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = std::fs::metadata(dir.path().join("state"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        store
+            .save(&Grant {
+                refresh_token: "rt-two".into(),
+                ..grant
+            })
+            .unwrap();
+        let back = store.load().unwrap().unwrap();
+        assert_eq!(back.refresh_token, "rt-two", "the newest token is kept");
+        assert_eq!(back.user.as_deref(), Some("relay@contoso.com"));
+        assert!(!format!("{back:?}").contains("rt-two"));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("state"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1, "no temporary files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_that_does_not_quote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.refresh-token");
+        std::fs::write(&path, "secret-garbage").unwrap();
+        let e = TokenStore::new(&path).load().unwrap_err().to_string();
+        assert!(e.contains("not a token file"), "{e}");
+        assert!(!e.contains("secret-garbage"), "{e}");
+    }
+}
