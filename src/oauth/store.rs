@@ -84,10 +84,16 @@ impl TokenStore {
                 });
             }
         };
-        // serde_json's message names a position, never the value, so the token stays out.
+        // Only the kind and position of the problem: serde_json's message can quote a value,
+        // and the value may be a token.
         let grant: Grant = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
             path: shown.clone(),
-            why: e.to_string(),
+            why: format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
         })?;
         if grant.refresh_token.is_empty() {
             return Err(StoreError::Corrupt {
@@ -191,9 +197,15 @@ mod tests {
     fn corrupt_file_is_an_error_that_does_not_quote_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.refresh-token");
-        std::fs::write(&path, "secret-garbage").unwrap();
-        let e = TokenStore::new(&path).load().unwrap_err().to_string();
-        assert!(e.contains("not a token file"), "{e}");
-        assert!(!e.contains("secret-garbage"), "{e}");
+        for text in [
+            "secret-garbage",
+            "\"secret-garbage\"",
+            "{\"refresh_token\": [\"secret-garbage\"]}",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = TokenStore::new(&path).load().unwrap_err().to_string();
+            assert!(e.contains("not a token file"), "{e}");
+            assert!(!e.contains("secret-garbage"), "{e}");
+        }
     }
 }
