@@ -593,3 +593,30 @@ async fn device_code_that_expires_or_is_declined_fails_clearly() {
     assert!(!ok);
     assert!(err.contains("no account \"nobody\""), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_alive_refresh_rotates_the_grant_even_with_a_fresh_access_token() {
+    let fake = FakeExchange::start().await;
+    let f = Files::new(&fake);
+    let dir = tempfile::tempdir().unwrap();
+    let config = load(&relay_config(&fake, &f, "", ""), dir.path());
+    let account = &config.accounts[0];
+    quick_login(&fake, account).await;
+    let tokens = exorelay::oauth::TokenManager::new(account).unwrap();
+    let first = tokens.token().await.unwrap();
+    assert_eq!(fake.delegated().refreshes, 1);
+    // The access token is fresh, so deliveries would not refresh; the keep-alive does.
+    tokens.refresh_grant().await.unwrap();
+    assert_eq!(fake.delegated().refreshes, 2);
+    assert_eq!(
+        fake.delegated().issued_refresh.last().cloned(),
+        Some(stored_refresh_token(&account.token_file)),
+        "the newest refresh token is kept"
+    );
+    let second = tokens.token().await.unwrap();
+    assert!(
+        !second.same_as(&first),
+        "the keep-alive's access token is used from then on"
+    );
+    assert_eq!(fake.delegated().refreshes, 2, "and cached");
+}
