@@ -4,6 +4,8 @@
 //! (so the file always wins over memory); the rotated refresh token is saved atomically before
 //! the access token is returned, and when it cannot be saved the access token is not used
 //! (the old refresh token is spent, so the sign-in is lost: the error says to sign in again).
+//! A sign-in that `exorelay login` wrote while the refresh was in the air is kept, not
+//! overwritten by the rotation of the older grant.
 //! Entra's answers keep their AADSTS code ([`super::entra::EntraError`]); a reply body is never
 //! quoted in an error, since it may hold a token.
 
@@ -77,13 +79,24 @@ impl TokenManager {
         }
     }
 
-    /// Saves the rotated grant (off the async threads: it fsyncs).
-    async fn save_rotation(&self, d: &Delegated, rotated: Grant) -> Result<(), TokenError> {
+    /// Saves the rotated grant (off the async threads: it fsyncs), unless a newer sign-in
+    /// was written meanwhile.
+    async fn save_rotation(
+        &self,
+        d: &Delegated,
+        replaced: String,
+        rotated: Grant,
+    ) -> Result<(), TokenError> {
         let store = d.store.clone();
-        tokio::task::spawn_blocking(move || store.save(&rotated))
+        let saved = tokio::task::spawn_blocking(move || store.save_rotation(&replaced, &rotated))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|r| r.map_err(std::io::Error::other))
+            .and_then(|r| r.map_err(std::io::Error::other));
+        if let Ok(false) = saved {
+            tracing::info!(account = %self.account, "a new sign-in was saved during a refresh; keeping it");
+        }
+        saved
+            .map(|_| ())
             .map_err(|e| {
                 self.local_config_error(
                     "token_file",
@@ -132,6 +145,7 @@ impl TokenManager {
             return Err(self.fail("reply without access_token", None));
         }
         // Entra rotates the refresh token on every use; keep the old one only if none came.
+        let replaced = grant.refresh_token.clone();
         let rotated = Grant {
             refresh_token: response
                 .refresh_token()
@@ -140,7 +154,7 @@ impl TokenManager {
             obtained_at: chrono::Utc::now(),
             user: entra::signed_in_user(&access).or(grant.user),
         };
-        self.save_rotation(d, rotated).await?;
+        self.save_rotation(d, replaced, rotated).await?;
         if let Ok(mut at) = self.refreshed_at.lock() {
             *at = Some(tokio::time::Instant::now());
         }

@@ -8,6 +8,9 @@
 //!   fsynced, renamed over the old file, and the folder is fsynced. A crash leaves the old
 //!   grant or the new one, never a torn file. Entra rotates the refresh token on every use, so
 //!   the caller saves the newest one *before* it uses the access token that came with it;
+//! - [`TokenStore::save_rotation`] saves a rotated token only while the file still holds the
+//!   token it replaces: an `exorelay login` that wrote a newer sign-in in the meantime is kept
+//!   (the relay's refresh of the older grant must not overwrite it);
 //! - [`TokenStore::load`] reads the file on every call (a fresh `exorelay login` is picked up by
 //!   a running relay); a missing file is `Ok(None)` (never signed in), not an error;
 //! - the token never appears in `Debug` output, errors or logs.
@@ -104,6 +107,17 @@ impl TokenStore {
         Ok(Some(grant))
     }
 
+    /// Saves `rotated` if the file still holds `replaced` (the refresh token it was obtained
+    /// with); `Ok(false)` when a newer sign-in is in the file, which is then left alone.
+    pub fn save_rotation(&self, replaced: &str, rotated: &Grant) -> Result<bool, StoreError> {
+        if let Ok(Some(current)) = self.load()
+            && current.refresh_token != replaced
+        {
+            return Ok(false);
+        }
+        self.save(rotated).map(|()| true)
+    }
+
     /// Replaces the stored grant atomically (temp file, fsync, rename, fsync of the folder).
     pub fn save(&self, grant: &Grant) -> Result<(), StoreError> {
         let err = |source| StoreError::Write {
@@ -191,6 +205,28 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(leftovers.len(), 1, "no temporary files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn a_rotation_never_overwrites_a_newer_sign_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("a.refresh-token"));
+        let grant = |t: &str| Grant {
+            refresh_token: t.into(),
+            obtained_at: Utc::now(),
+            user: None,
+        };
+        store.save(&grant("old")).unwrap();
+        assert!(store.save_rotation("old", &grant("rotated")).unwrap());
+        assert_eq!(store.load().unwrap().unwrap().refresh_token, "rotated");
+        // exorelay login wrote a new sign-in while a refresh of "rotated" was in the air.
+        store.save(&grant("new-login")).unwrap();
+        assert!(
+            !store
+                .save_rotation("rotated", &grant("rotated-again"))
+                .unwrap()
+        );
+        assert_eq!(store.load().unwrap().unwrap().refresh_token, "new-login");
     }
 
     #[test]
