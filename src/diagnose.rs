@@ -161,13 +161,40 @@ async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
             );
         }
     };
+    if tokens.is_delegated() {
+        // Delegated: the sign-in must exist; the token check below then uses (and rotates) it.
+        match tokens.signed_in() {
+            Ok(Some(g)) => r.pass(
+                "sign-in",
+                format!(
+                    "refresh token from {}{} in {}",
+                    g.obtained_at.format("%Y-%m-%d %H:%M UTC"),
+                    g.user
+                        .as_deref()
+                        .map(|u| format!(", signed in as {u}"))
+                        .unwrap_or_default(),
+                    a.token_file.display()
+                ),
+            ),
+            Ok(None) | Err(_) => {
+                if let Some(advice) = tokens.blocked_at_start() {
+                    return r.fail("sign-in", advice.cause, advice.fix);
+                }
+            }
+        }
+    }
     match tokens.token().await {
         Ok(t) => {
             let left = t.expires_at.saturating_duration_since(Instant::now());
             r.pass(
                 "token",
                 format!(
-                    "obtained from Entra, valid for {}",
+                    "{} Entra, valid for {}",
+                    if tokens.is_delegated() {
+                        "refreshed with the stored sign-in at"
+                    } else {
+                        "obtained from"
+                    },
                     humantime::format_duration(Duration::from_secs(left.as_secs()))
                 ),
             );
@@ -192,7 +219,11 @@ async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
                     ));
                     clock_check(&c, r);
                     let roles = claim_list(&c["roles"]);
-                    if !roles.contains("SMTP.SendAsApp") {
+                    if tokens.is_delegated() {
+                        if !claim_list(&c["scp"]).contains("SMTP.Send") {
+                            r.line("         note: the token has no SMTP.Send scope; add the delegated permission SMTP.Send (Office 365 Exchange Online) and sign in again");
+                        }
+                    } else if !roles.contains("SMTP.SendAsApp") {
                         r.line("         note: the token has no SMTP.SendAsApp role; Exchange will refuse it unless RBAC for Applications grants it");
                     }
                 }

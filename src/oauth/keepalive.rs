@@ -92,6 +92,47 @@ mod tests {
         }
     }
 
+    /// The real manager's decision: by the age of the stored grant, on tokio's clock; nothing
+    /// to keep alive before the first sign-in or for app-only accounts.
+    #[tokio::test(start_paused = true)]
+    async fn a_managers_grant_is_due_a_day_after_it_was_obtained() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a: crate::config::AccountConfig = toml::from_str(
+            r#"name = "d"
+kind = "exchange"
+auth = "delegated"
+mailbox = "d@contoso.com"
+tenant = "contoso.onmicrosoft.com"
+client_id = "abc""#,
+        )
+        .unwrap();
+        a.token_file = dir.path().join("d.refresh-token");
+        let never = TokenManager::new(&a).unwrap();
+        assert!(
+            !never.due(Instant::now()),
+            "nothing to refresh before a sign-in"
+        );
+
+        super::super::store::TokenStore::new(&a.token_file)
+            .save(&super::super::store::Grant {
+                refresh_token: "rt".into(),
+                obtained_at: chrono::Utc::now() - chrono::Duration::hours(1),
+                user: None,
+            })
+            .unwrap();
+        let tokens = TokenManager::new(&a).unwrap();
+        assert!(!tokens.due(Instant::now()), "an hour-old grant is fresh");
+        tokio::time::advance(REFRESH_AFTER - Duration::from_secs(2 * 3600)).await;
+        assert!(!tokens.due(Instant::now()));
+        tokio::time::advance(Duration::from_secs(2 * 3600)).await;
+        assert!(tokens.due(Instant::now()), "due 24 h after it was obtained");
+
+        a.auth = crate::config::AccountAuth::ClientCredentials;
+        a.client_secret_file = Some(dir.path().join("secret"));
+        std::fs::write(dir.path().join("secret"), "s").unwrap();
+        assert!(!TokenManager::new(&a).unwrap().due(Instant::now()));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn idle_grant_is_refreshed_daily_and_the_task_ends_with_its_manager() {
         let start = Instant::now();

@@ -524,6 +524,28 @@ async fn callback(
 mod tests {
     use super::*;
 
+    /// The HTTP side keeps pending logins in shared state and awaits `finish` in a handler.
+    #[test]
+    fn pending_login_can_live_in_shared_state() {
+        fn shared<T: Send + Sync + 'static>() {}
+        fn send<T: Send>(_: &T) {}
+        shared::<PendingLogin>();
+        let mut a: AccountConfig = toml::from_str(
+            r#"name = "d"
+kind = "exchange"
+auth = "delegated"
+mailbox = "d@contoso.com"
+tenant = "contoso.onmicrosoft.com"
+client_id = "abc""#,
+        )
+        .unwrap();
+        a.token_file = PathBuf::from("/nonexistent/d.refresh-token");
+        let (url, pending) = start_browser_login(&a, "http://localhost:1/").unwrap();
+        assert!(url.as_str().contains("code_challenge_method=S256"));
+        let fut = pending.finish("code", "other-state");
+        send(&fut);
+    }
+
     #[test]
     fn callback_requests_are_sorted() {
         assert!(matches!(

@@ -33,6 +33,7 @@ pub mod assertion;
 pub mod entra;
 pub mod keepalive;
 pub mod login;
+mod refresh;
 pub mod store;
 
 use std::fmt;
@@ -44,6 +45,7 @@ use crate::advice::Advice;
 use crate::config::{AccountAuth, AccountConfig};
 use assertion::AssertionSigner;
 use entra::ClientAuth;
+use refresh::Delegated;
 use store::{Grant, StoreError, TokenStore};
 
 /// An access token. Its value never appears in `Debug` output or logs.
@@ -96,12 +98,6 @@ pub struct TokenError {
     /// A configuration problem the administrator must fix (as opposed to a passing fault).
     pub config: bool,
     pub advice: Advice,
-}
-
-/// A delegated account's sign-in: its token file, and the account for building the client.
-struct Delegated {
-    store: TokenStore,
-    account: AccountConfig,
 }
 
 #[derive(Default)]
@@ -507,133 +503,6 @@ impl TokenManager {
             }
             None => self.transient(without_url(e)),
         }
-    }
-
-    /// Maps an oauth2 failure to a [`TokenError`]; a reply body is never quoted (it may hold a
-    /// token).
-    fn oauth_error(
-        &self,
-        e: oauth2::RequestTokenError<oauth2::HttpClientError<reqwest::Error>, entra::EntraError>,
-    ) -> TokenError {
-        use oauth2::{HttpClientError, RequestTokenError};
-        match e {
-            RequestTokenError::ServerResponse(r) => self.fail(&r.error, r.code()),
-            RequestTokenError::Request(HttpClientError::Reqwest(e)) => self.send_error(&e),
-            RequestTokenError::Request(other) => self.transient(other.to_string()),
-            RequestTokenError::Parse(_, body) => {
-                if serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
-                    self.fail("unreadable reply", None)
-                } else {
-                    self.transient("the token endpoint sent a reply that is not JSON".into())
-                }
-            }
-            RequestTokenError::Other(what) => self.transient(what),
-        }
-    }
-
-    fn local_config_error(&self, what: &str, cause: String, fix: String) -> TokenError {
-        TokenError {
-            error: what.into(),
-            code: None,
-            config: true,
-            advice: Advice::new(cause, fix),
-        }
-    }
-
-    /// The refresh-token grant of a delegated account; persists the rotated refresh token
-    /// before it returns the access token.
-    async fn refresh(
-        &self,
-        d: &Delegated,
-        loaded: Result<Option<Grant>, StoreError>,
-    ) -> Result<AccessToken, TokenError> {
-        let grant = match loaded {
-            Ok(Some(g)) => g,
-            Ok(None) => {
-                return Err(TokenError {
-                    error: "not_signed_in".into(),
-                    code: None,
-                    config: true,
-                    advice: advice::not_signed_in(&self.account, d.store.path(), None),
-                });
-            }
-            Err(e) => {
-                return Err(TokenError {
-                    error: "token_file".into(),
-                    code: None,
-                    config: true,
-                    advice: advice::not_signed_in(
-                        &self.account,
-                        d.store.path(),
-                        Some(&e.to_string()),
-                    ),
-                });
-            }
-        };
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let fix =
-            || "Check client_secret_file, or certificate_file and private_key_file.".to_string();
-        let client = entra::client(&d.account, &self.credential)
-            .map_err(|e| self.local_config_error("credential", format!("{e}."), fix()))?;
-        let extra = self
-            .credential
-            .extra_params(&self.client_id, &self.token_url)
-            .map_err(|e| self.local_config_error("credential", format!("{e}."), fix()))?;
-        let rt = oauth2::RefreshToken::new(grant.refresh_token.clone());
-        let mut request = client
-            .exchange_refresh_token(&rt)
-            .add_scopes(entra::scopes(&d.account));
-        for (k, v) in extra {
-            request = request.add_extra_param(k, v);
-        }
-        let sent = Instant::now();
-        let response = request
-            .request_async(&self.http)
-            .await
-            .map_err(|e| self.oauth_error(e))?;
-        use oauth2::TokenResponse;
-        let access = response.access_token().secret().clone();
-        if access.is_empty() {
-            return Err(self.fail("reply without access_token", None));
-        }
-        // Entra rotates the refresh token on every use; keep the old one only if none came.
-        let rotated = Grant {
-            refresh_token: response
-                .refresh_token()
-                .map(|r| r.secret().clone())
-                .unwrap_or(grant.refresh_token),
-            obtained_at: chrono::Utc::now(),
-            user: entra::signed_in_user(&access).or(grant.user),
-        };
-        let store = d.store.clone();
-        tokio::task::spawn_blocking(move || store.save(&rotated))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|r| r.map_err(std::io::Error::other))
-            .map_err(|e| {
-                self.local_config_error(
-                    "token_file",
-                    format!("The rotated refresh token could not be saved ({e}), so the sign-in is lost."),
-                    format!(
-                        "Make the state folder {} writable by exorelay, then run exorelay login --account {}.",
-                        d.store.path().parent().map(|p| p.display().to_string()).unwrap_or_default(),
-                        self.account
-                    ),
-                )
-            })?;
-        if let Ok(mut at) = self.refreshed_at.lock() {
-            *at = Some(tokio::time::Instant::now());
-        }
-        let lifetime = response
-            .expires_in()
-            .unwrap_or(Duration::from_secs(3599))
-            .max(Duration::from_secs(1));
-        Ok(AccessToken {
-            secret: Arc::from(access.as_str()),
-            expires_at: sent + lifetime,
-            expires_wall: SystemTime::now() + lifetime,
-            lifetime,
-        })
     }
 }
 

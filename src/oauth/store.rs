@@ -8,6 +8,9 @@
 //!   fsynced, renamed over the old file, and the folder is fsynced. A crash leaves the old
 //!   grant or the new one, never a torn file. Entra rotates the refresh token on every use, so
 //!   the caller saves the newest one *before* it uses the access token that came with it;
+//! - [`TokenStore::save_rotation`] saves a rotated token only while the file still holds the
+//!   token it replaces: an `exorelay login` that wrote a newer sign-in in the meantime is kept
+//!   (the relay's refresh of the older grant must not overwrite it);
 //! - [`TokenStore::load`] reads the file on every call (a fresh `exorelay login` is picked up by
 //!   a running relay); a missing file is `Ok(None)` (never signed in), not an error;
 //! - the token never appears in `Debug` output, errors or logs.
@@ -84,10 +87,16 @@ impl TokenStore {
                 });
             }
         };
-        // serde_json's message names a position, never the value, so the token stays out.
+        // Only the kind and position of the problem: serde_json's message can quote a value,
+        // and the value may be a token.
         let grant: Grant = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
             path: shown.clone(),
-            why: e.to_string(),
+            why: format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ),
         })?;
         if grant.refresh_token.is_empty() {
             return Err(StoreError::Corrupt {
@@ -96,6 +105,17 @@ impl TokenStore {
             });
         }
         Ok(Some(grant))
+    }
+
+    /// Saves `rotated` if the file still holds `replaced` (the refresh token it was obtained
+    /// with); `Ok(false)` when a newer sign-in is in the file, which is then left alone.
+    pub fn save_rotation(&self, replaced: &str, rotated: &Grant) -> Result<bool, StoreError> {
+        if let Ok(Some(current)) = self.load()
+            && current.refresh_token != replaced
+        {
+            return Ok(false);
+        }
+        self.save(rotated).map(|()| true)
     }
 
     /// Replaces the stored grant atomically (temp file, fsync, rename, fsync of the folder).
@@ -188,12 +208,40 @@ mod tests {
     }
 
     #[test]
+    fn a_rotation_never_overwrites_a_newer_sign_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("a.refresh-token"));
+        let grant = |t: &str| Grant {
+            refresh_token: t.into(),
+            obtained_at: Utc::now(),
+            user: None,
+        };
+        store.save(&grant("old")).unwrap();
+        assert!(store.save_rotation("old", &grant("rotated")).unwrap());
+        assert_eq!(store.load().unwrap().unwrap().refresh_token, "rotated");
+        // exorelay login wrote a new sign-in while a refresh of "rotated" was in the air.
+        store.save(&grant("new-login")).unwrap();
+        assert!(
+            !store
+                .save_rotation("rotated", &grant("rotated-again"))
+                .unwrap()
+        );
+        assert_eq!(store.load().unwrap().unwrap().refresh_token, "new-login");
+    }
+
+    #[test]
     fn corrupt_file_is_an_error_that_does_not_quote_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.refresh-token");
-        std::fs::write(&path, "secret-garbage").unwrap();
-        let e = TokenStore::new(&path).load().unwrap_err().to_string();
-        assert!(e.contains("not a token file"), "{e}");
-        assert!(!e.contains("secret-garbage"), "{e}");
+        for text in [
+            "secret-garbage",
+            "\"secret-garbage\"",
+            "{\"refresh_token\": [\"secret-garbage\"]}",
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let e = TokenStore::new(&path).load().unwrap_err().to_string();
+            assert!(e.contains("not a token file"), "{e}");
+            assert!(!e.contains("secret-garbage"), "{e}");
+        }
     }
 }
