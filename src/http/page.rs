@@ -226,7 +226,7 @@ pub async fn status_page(
         }
         if let Some(csrf) = csrf
             && state
-                .config
+                .config()
                 .accounts
                 .iter()
                 .any(|c| c.name == name && c.auth == crate::config::AccountAuth::Delegated)

@@ -86,7 +86,7 @@ fn problem(status: StatusCode, title: &str, cause: &str, fix: &str) -> Response 
 /// `scheme://host` of this request, as the browser sees the page.
 fn own_origin(state: &AppState, headers: &HeaderMap) -> Option<(bool, String)> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
-    let https = state.config.http.tls.is_some();
+    let https = state.config().http.tls.is_some();
     let scheme = if https { "https" } else { "http" };
     Some((
         https || is_loopback_host(host),
@@ -101,7 +101,8 @@ pub async fn start(
     headers: HeaderMap,
     AdminForm(_, _): AdminForm,
 ) -> Response {
-    let Some(account) = state.config.accounts.iter().find(|a| a.name == name) else {
+    let config = state.config();
+    let Some(account) = config.accounts.iter().find(|a| a.name == name) else {
         return super::error(StatusCode::NOT_FOUND, "no account with that name");
     };
     if account.kind != AccountKind::Exchange || account.auth != AccountAuth::Delegated {
@@ -154,7 +155,7 @@ pub async fn start(
 /// check the redirect after a form post against the posting page's `form-action`).
 pub fn status_page_policy(state: &AppState) -> Option<HeaderValue> {
     let mut origins: Vec<String> = state
-        .config
+        .config()
         .accounts
         .iter()
         .filter(|a| a.kind == AccountKind::Exchange && a.auth == AccountAuth::Delegated)
