@@ -144,9 +144,17 @@ impl Harness {
         commit(&self.spool).await
     }
 
-    /// Lets the forwarder run for `secs` of (paused, auto-advancing) time.
+    /// Lets the forwarder run for `secs` of (paused, auto-advancing) time. Paused time jumps
+    /// ahead whenever every task waits, and the spool's commit thread is not a task: stepping
+    /// in small increments, with a moment of real time for other threads at each, keeps a
+    /// loaded machine from seeing the jump before work those threads finish (a flaky test).
     async fn run_for(&self, secs: u64) {
-        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let end = Instant::now() + Duration::from_secs(secs);
+        let step = Duration::from_millis(50);
+        while Instant::now() < end {
+            std::thread::sleep(Duration::from_micros(200));
+            tokio::time::sleep(step.min(end - Instant::now())).await;
+        }
     }
 
     fn queued(&self) -> usize {
