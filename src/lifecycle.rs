@@ -5,6 +5,10 @@
 //! each warning threshold ([`THRESHOLDS`] days ahead, then expired) is crossed: logs a warning,
 //! shows it on the status page and in `/readyz`, and mails `admin_address` when one is set.
 //!
+//! Each threshold is announced once per credential and expiry date: what was announced is kept in
+//! `<state_dir>/credential-notices.json` ([`Announced`]), so a restart or a reload does not mail
+//! the administrator again, and a renewed credential (a new expiry date) starts afresh.
+//!
 //! The decision ([`notice_for`]) is pure and takes the time as an argument; the watcher only reads
 //! files, the clock and acts.
 
@@ -122,6 +126,53 @@ fn certificate_expiry(a: &AccountConfig) -> Option<DateTime<Utc>> {
     DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)
 }
 
+/// The thresholds already announced, by credential and expiry date, kept in a file so they are
+/// announced once, not once per start. A missing or unreadable file means nothing announced
+/// (the worst case is one repeated warning).
+#[derive(Debug, Default)]
+pub struct Announced {
+    path: Option<std::path::PathBuf>,
+    levels: std::collections::BTreeMap<String, i64>,
+}
+
+impl Announced {
+    pub fn load(path: std::path::PathBuf) -> Announced {
+        let levels = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Announced {
+            path: Some(path),
+            levels,
+        }
+    }
+
+    fn key(e: &Expiry) -> String {
+        format!(
+            "{}/{}/{}",
+            e.account,
+            e.credential,
+            e.expires.format("%Y-%m-%d")
+        )
+    }
+
+    /// Whether `n` for `e` is news (a threshold not announced yet); records it if so.
+    pub fn is_news(&mut self, e: &Expiry, n: &Notice) -> bool {
+        let key = Self::key(e);
+        if self.levels.get(&key).is_some_and(|l| *l <= n.level) {
+            return false;
+        }
+        self.levels.insert(key, n.level);
+        if let Some(path) = &self.path {
+            let body = serde_json::to_vec_pretty(&self.levels).unwrap_or_default();
+            if let Err(err) = crate::oauth::store::write_private(path, &body) {
+                warn!(file = %path.display(), error = %err, "cannot record the credential notices announced; they may be announced again after a restart");
+            }
+        }
+        true
+    }
+}
+
 /// Runs until `shutdown`: checks at once, then every hour.
 pub async fn watch(
     config: Arc<Config>,
@@ -130,8 +181,7 @@ pub async fn watch(
     status: Arc<Status>,
     shutdown: CancellationToken,
 ) {
-    // The highest level already announced per credential, so each threshold is told once.
-    let mut told: HashMap<(String, &'static str), i64> = HashMap::new();
+    let mut told = Announced::load(config.state_dir().join("credential-notices.json"));
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
         tokio::select! {
@@ -153,11 +203,9 @@ pub async fn watch(
                 .entry(e.account.clone())
                 .or_default()
                 .push(n.clone());
-            let key = (e.account.clone(), e.credential);
-            if told.get(&key).is_some_and(|l| *l <= n.level) {
+            if !told.is_news(e, &n) {
                 continue;
             }
-            told.insert(key, n.level);
             if n.level == 0 {
                 error!(account = %e.account, credential = e.credential, "{}", n.text);
             } else {
@@ -258,5 +306,48 @@ mod tests {
                 .text
                 .contains("certificate_file")
         );
+    }
+
+    /// A threshold is announced once per credential and expiry date, across restarts (the
+    /// record is a file), and a renewed credential is announced afresh.
+    #[test]
+    fn announced_once_across_restarts_and_afresh_after_renewal() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state/credential-notices.json");
+        let expires = DateTime::parse_from_rfc3339("2027-05-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let e = Expiry {
+            account: "contoso".into(),
+            credential: "client_secret",
+            expires,
+        };
+        let n = |level| Notice {
+            level,
+            text: String::new(),
+        };
+        let mut first = Announced::load(file.clone());
+        assert!(first.is_news(&e, &n(30)));
+        assert!(!first.is_news(&e, &n(30)), "told once");
+        let mut after_restart = Announced::load(file.clone());
+        assert!(
+            !after_restart.is_news(&e, &n(30)),
+            "not again after a restart"
+        );
+        assert!(
+            after_restart.is_news(&e, &n(14)),
+            "the next threshold is news"
+        );
+        let renewed = Expiry {
+            expires: expires + chrono::Duration::days(730),
+            ..e.clone()
+        };
+        assert!(Announced::load(file.clone()).is_news(&renewed, &n(30)));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // An unreadable record means nothing announced, not a failure.
+        std::fs::write(&file, "not json").unwrap();
+        assert!(Announced::load(file).is_news(&e, &n(30)));
     }
 }

@@ -26,11 +26,11 @@ pub fn advise(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (Advice, boo
     match code {
         Some(7000215) => config(a(
             "Entra rejected the client secret (AADSTS7000215: invalid client secret). Often the secret's ID was copied instead of its Value.".into(),
-            format!("In Entra admin center > App registrations > {client} > Certificates & secrets, create a new client secret and put its Value (not the Secret ID) into the client_secret_file of account {acct:?}; then restart exorelay."),
+            format!("In Entra admin center > App registrations > {client} > Certificates & secrets, create a new client secret and put its Value (not the Secret ID) into the client_secret_file of account {acct:?}. No restart is needed: the next token request reads the file (exorelay reload tries at once)."),
         )),
         Some(7000222) => config(a(
             "The client secret has expired (AADSTS7000222).".into(),
-            format!("Create a new client secret for app {client} (App registrations > Certificates & secrets), write its Value into the client_secret_file of account {acct:?}, restart; or switch to a certificate (certificate_file)."),
+            format!("Create a new client secret for app {client} (App registrations > Certificates & secrets), write its Value into the client_secret_file of account {acct:?} (the next token request reads it, no restart needed) and update client_secret_expires; or switch to a certificate (certificate_file)."),
         )),
         Some(7000218) => config(a(
             "The token request carried neither a client secret nor a client assertion (AADSTS7000218).".into(),
