@@ -206,7 +206,11 @@ async fn status_page_sign_in_delivers_the_queued_mail_and_refuses_forged_callbac
     assert_eq!(r.status(), 303, "{:?}", r.text().await);
     let authorize = location(&r);
     assert!(authorize.starts_with(&authority), "{authorize}");
-    let callback_uri = format!("{}/oauth/callback", page.base);
+    // Entra takes plain http only for localhost: the page at 127.0.0.1 names localhost.
+    let callback_uri = format!(
+        "http://localhost:{}/oauth/callback",
+        relay.http.unwrap().port()
+    );
     let url = reqwest::Url::parse(&authorize).unwrap();
     let q: std::collections::HashMap<_, _> = url.query_pairs().into_owned().collect();
     assert_eq!(q["redirect_uri"], callback_uri);

@@ -78,6 +78,7 @@ fn button(
 
 pub async fn status_page(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     reader: Result<Reader, Refusal>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -365,7 +366,7 @@ pub async fn status_page(
     }
     h.put("</table></body></html>", &[]);
     let mut r = Html(h.into_string()).into_response();
-    if let Some(csp) = super::signin::status_page_policy(&state) {
+    if let Some(csp) = super::signin::status_page_policy(&state, &headers) {
         r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, csp);
     }
     r

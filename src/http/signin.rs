@@ -83,15 +83,31 @@ fn problem(status: StatusCode, title: &str, cause: &str, fix: &str) -> Response 
     page(status, title, b)
 }
 
-/// `scheme://host` of this request, as the browser sees the page.
-fn own_origin(state: &AppState, headers: &HeaderMap) -> Option<(bool, String)> {
+/// `scheme://host` for Entra to send the browser back to, and whether Entra accepts it. Over
+/// plain http only `localhost` is accepted (and matched whatever its port), while `127.0.0.1`
+/// needs an edit of the app's manifest and `[::1]` is refused: a loopback address is
+/// therefore named `localhost`, with the same port.
+fn callback_origin(state: &AppState, headers: &HeaderMap) -> Option<(bool, String)> {
     let host = headers.get(header::HOST)?.to_str().ok()?;
-    let https = state.config().http.tls.is_some();
-    let scheme = if https { "https" } else { "http" };
-    Some((
-        https || is_loopback_host(host),
-        format!("{scheme}://{host}"),
-    ))
+    // A host name, an address and a port; nothing that could end up as markup or policy.
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+    {
+        return None;
+    }
+    if state.config().http.tls.is_some() {
+        return Some((true, format!("https://{host}")));
+    }
+    if !is_loopback_host(host) {
+        return Some((false, format!("http://{host}")));
+    }
+    let port = match host.rsplit_once(':') {
+        Some((_, p)) if p.bytes().all(|b| b.is_ascii_digit()) => format!(":{p}"),
+        _ => String::new(),
+    };
+    Some((true, format!("http://localhost{port}")))
 }
 
 /// The status page's "Sign in" button.
@@ -113,7 +129,7 @@ pub async fn start(
             "Only delegated accounts are signed in by a user; app-only accounts use their client secret or certificate.",
         );
     }
-    let Some((allowed, origin)) = own_origin(&state, &headers) else {
+    let Some((allowed, origin)) = callback_origin(&state, &headers) else {
         return super::error(StatusCode::BAD_REQUEST, "the request has no Host header");
     };
     if !allowed {
@@ -151,9 +167,10 @@ pub async fn start(
 }
 
 /// The status page's `Content-Security-Policy`: forms post to this origin only, and the
-/// sign-in button's redirect may go on to the delegated accounts' Entra authorities (browsers
-/// check the redirect after a form post against the posting page's `form-action`).
-pub fn status_page_policy(state: &AppState) -> Option<HeaderValue> {
+/// sign-in button's redirects may go on to the delegated accounts' Entra authorities and back
+/// to the callback's origin (browsers check every redirect after a form post against the
+/// posting page's `form-action`, and a page at `127.0.0.1` is called back as `localhost`).
+pub fn status_page_policy(state: &AppState, headers: &HeaderMap) -> Option<HeaderValue> {
     let mut origins: Vec<String> = state
         .config()
         .accounts
@@ -165,6 +182,9 @@ pub fn status_page_policy(state: &AppState) -> Option<HeaderValue> {
         .collect();
     if origins.is_empty() {
         return None;
+    }
+    if let Some((true, callback)) = callback_origin(state, headers) {
+        origins.push(callback);
     }
     origins.sort();
     origins.dedup();

@@ -76,6 +76,17 @@ impl AssertionSigner {
 
     /// A fresh assertion (new `jti`, valid 5 minutes) for `client_id` at `token_url`.
     pub fn assertion(&self, client_id: &str, token_url: &str) -> Result<String, String> {
+        self.assertion_valid_for(client_id, token_url, 300)
+    }
+
+    /// A fresh assertion valid `secs` seconds (for the interactive sign-in, whose device-code
+    /// polls reuse one request for up to the code's 15 minutes).
+    pub fn assertion_valid_for(
+        &self,
+        client_id: &str,
+        token_url: &str,
+        secs: u64,
+    ) -> Result<String, String> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -101,7 +112,7 @@ impl AssertionSigner {
         );
         let claims = serde_json::json!({
             "aud": token_url, "iss": client_id, "sub": client_id, "jti": jti,
-            "nbf": now, "iat": now, "exp": now + 300,
+            "nbf": now, "iat": now, "exp": now + secs,
         });
         let input = format!(
             "{}.{}",

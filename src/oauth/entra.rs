@@ -120,8 +120,10 @@ impl ClientAuth {
     ) -> Result<Vec<(&'static str, String)>, String> {
         match self {
             ClientAuth::Certificate { cert, key, alg } => {
+                // Valid long enough for a device code's polls (Entra's codes live 15 minutes
+                // and the crate polls with one request's parameters).
                 let jwt = AssertionSigner::load(cert, key, *alg)?
-                    .assertion(client_id, token_url)
+                    .assertion_valid_for(client_id, token_url, 20 * 60)
                     .map_err(|e| format!("cannot sign the client assertion: {e}"))?;
                 Ok(vec![
                     (

@@ -57,7 +57,10 @@ pub fn spawn(tokens: &Arc<TokenManager>) {
 
 /// The loop: every [`CHECK_EVERY`], refresh if due; ends when the manager is dropped.
 pub async fn run<T: KeepAlive>(tokens: Weak<T>) {
-    let mut tick = tokio::time::interval(CHECK_EVERY);
+    // The first look comes after a full period, not at once: a reload builds upstreams it may
+    // throw away, and their keep-alive must not refresh beside the live one (with single-use
+    // refresh tokens, the loser's grant would be spent).
+    let mut tick = tokio::time::interval_at(Instant::now() + CHECK_EVERY, CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

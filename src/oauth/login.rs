@@ -80,6 +80,14 @@ pub enum LoginError {
         "Entra's reply holds no refresh token; the scope must include offline_access and the app needs that delegated permission"
     )]
     NoRefreshToken,
+    #[error(
+        "signed in as {user}, but account {account:?} sends as {mailbox}: Exchange refuses one user's token for another's mailbox. Nothing was saved; sign in again as {mailbox} (a private browser window keeps the browser from signing you in as yourself)"
+    )]
+    WrongUser {
+        user: String,
+        mailbox: String,
+        account: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -169,7 +177,9 @@ fn persist(
 ) -> Result<SignedIn, LoginError> {
     let refresh = refresh.ok_or(LoginError::NoRefreshToken)?;
     let user = entra::signed_in_user(access);
-    TokenStore::new(&a.token_file).save(&Grant {
+    same_user(a, user.as_deref())?;
+    let store = TokenStore::new(&a.token_file);
+    store.save(&Grant {
         refresh_token: refresh.secret().clone(),
         obtained_at: chrono::Utc::now(),
         user: user.clone(),
@@ -177,8 +187,25 @@ fn persist(
     Ok(SignedIn {
         account: a.name.clone(),
         user,
-        token_file: a.token_file.clone(),
+        token_file: std::path::absolute(&a.token_file).unwrap_or_else(|_| a.token_file.clone()),
     })
+}
+
+/// XOAUTH2 names the account's `mailbox`, and Exchange refuses one user's token for another's
+/// mailbox (`535 5.7.3`, which would pause the account with no clue). A browser's single sign-on
+/// easily signs the administrator in instead, so a sign-in as someone else is refused here, with
+/// the way out, and nothing is saved.
+fn same_user(a: &AccountConfig, user: Option<&str>) -> Result<(), LoginError> {
+    match (user, a.mailbox.as_deref()) {
+        (Some(user), Some(mailbox)) if !user.eq_ignore_ascii_case(mailbox) => {
+            Err(LoginError::WrongUser {
+                user: user.to_string(),
+                mailbox: mailbox.to_string(),
+                account: a.name.clone(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 // ---------- device code ----------
@@ -294,6 +321,8 @@ pub fn start_browser_login(
     if let Some(mailbox) = &account.mailbox {
         request = request.add_extra_param("login_hint", mailbox.clone());
     }
+    // Let the person choose the mailbox's user rather than whoever the browser is signed in as.
+    request = request.add_extra_param("prompt", "select_account");
     let (url, state) = request.url();
     Ok((
         url,
@@ -385,6 +414,7 @@ enum Callback {
     Error {
         error: String,
         description: String,
+        state: Option<String>,
     },
     Incomplete,
 }
@@ -408,9 +438,10 @@ fn parse_callback(head: &str) -> Callback {
             .map(|(_, v)| v.into_owned())
     };
     match (get("code"), get("state"), get("error")) {
-        (_, _, Some(error)) => Callback::Error {
+        (_, state, Some(error)) => Callback::Error {
             error,
             description: get("error_description").unwrap_or_default(),
+            state,
         },
         (Some(code), Some(state), None) => Callback::Code { code, state },
         _ => Callback::Incomplete,
@@ -468,11 +499,23 @@ async fn callback(
                 ),
                 None,
             ),
-            Callback::Code { state, .. } if state != pending.state() => (
+            Callback::Code { state, .. }
+            | Callback::Error {
+                state: Some(state), ..
+            } if state != pending.state() => (
                 page(
                     "400 Bad Request",
                     "Sign-in refused",
                     "The state does not match the sign-in started by exorelay login; this page is stale or forged. exorelay login keeps waiting for the right one.",
+                ),
+                None,
+            ),
+            // An error without a state cannot be told from a forged one: it ends nothing.
+            Callback::Error { state: None, .. } => (
+                page(
+                    "400 Bad Request",
+                    "Sign-in refused",
+                    "An error without the sign-in's state; exorelay login keeps waiting.",
                 ),
                 None,
             ),
@@ -497,7 +540,9 @@ async fn callback(
                     Some(Err(e)),
                 ),
             },
-            Callback::Error { error, description } => {
+            Callback::Error {
+                error, description, ..
+            } => {
                 let e = if matches!(
                     error.as_str(),
                     "access_denied" | "authorization_declined" | "consent_required"
@@ -558,7 +603,7 @@ client_id = "abc""#,
         ));
         assert!(matches!(
             parse_callback("GET /?error=access_denied&error_description=AADSTS65004%3A+no HTTP/1.1\r\n\r\n"),
-            Callback::Error { ref error, ref description } if error == "access_denied" && aadsts_in(Some(description)) == Some(65004)
+            Callback::Error { ref error, ref description, .. } if error == "access_denied" && aadsts_in(Some(description)) == Some(65004)
         ));
         assert!(matches!(
             parse_callback("GET /?code=abc HTTP/1.1\r\n\r\n"),
@@ -566,5 +611,67 @@ client_id = "abc""#,
         ));
         let p = String::from_utf8(page("200 OK", "t", "<b>&")).unwrap();
         assert!(p.contains("&lt;b&gt;&amp;"));
+    }
+
+    fn delegated(mailbox: &str) -> AccountConfig {
+        let mut a: AccountConfig = toml::from_str(&format!(
+            r#"name = "d"
+kind = "exchange"
+auth = "delegated"
+mailbox = "{mailbox}"
+tenant = "contoso.onmicrosoft.com"
+client_id = "abc""#
+        ))
+        .unwrap();
+        a.token_file = PathBuf::from("/nonexistent/d.refresh-token");
+        a
+    }
+
+    /// A sign-in as someone other than the account's mailbox is refused before anything is
+    /// saved; the case of the address does not matter.
+    #[test]
+    fn only_the_mailboxs_user_may_sign_in() {
+        let a = delegated("frontdesk@contoso.com");
+        assert!(same_user(&a, Some("FrontDesk@Contoso.com")).is_ok());
+        assert!(same_user(&a, None).is_ok(), "no claim: nothing to compare");
+        let e = same_user(&a, Some("admin@contoso.com")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("admin@contoso.com")
+                && text.contains("sign in again as frontdesk@contoso.com"),
+            "{text}"
+        );
+    }
+
+    /// An error redirect without the sign-in's `state` (any local process can send one) does
+    /// not end `exorelay login --browser`; Entra's own, with the state, does.
+    #[tokio::test]
+    async fn an_error_without_the_state_ends_nothing() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let a = delegated("frontdesk@contoso.com");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_, pending) =
+            start_browser_login(&a, &format!("http://localhost:{}/", addr.port())).unwrap();
+        let state = pending.state().to_string();
+        let waiting = tokio::spawn(async move { callback(&listener, &pending).await });
+        let get = |target: String| async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(format!("GET {target} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut reply = String::new();
+            c.read_to_string(&mut reply).await.unwrap();
+            reply
+        };
+        let forged = get("/?error=access_denied".into()).await;
+        assert!(forged.starts_with("HTTP/1.1 400"), "{forged}");
+        let wrong = get("/?error=access_denied&state=guessed".into()).await;
+        assert!(wrong.starts_with("HTTP/1.1 400"), "{wrong}");
+        assert!(!waiting.is_finished(), "a forged error ended the sign-in");
+        let real = get(format!("/?error=access_denied&state={state}")).await;
+        assert!(real.contains("Sign-in failed"), "{real}");
+        let result = waiting.await.unwrap();
+        assert!(matches!(result, Err(LoginError::Declined(_))), "{result:?}");
     }
 }

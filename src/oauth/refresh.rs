@@ -36,9 +36,11 @@ impl TokenManager {
             RequestTokenError::ServerResponse(r) => self.fail(&r.error, r.code()),
             RequestTokenError::Request(HttpClientError::Reqwest(e)) => self.send_error(&e),
             RequestTokenError::Request(other) => self.transient(other.to_string()),
+            // Not Entra's shape (a proxy's or gateway's error page or JSON): without Entra's
+            // `error` it cannot be a verdict on the sign-in, so it is retried, never a pause.
             RequestTokenError::Parse(_, body) => {
                 if serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
-                    self.fail("unreadable reply", None)
+                    self.transient("the token endpoint sent JSON that is not Entra's".into())
                 } else {
                     self.transient("the token endpoint sent a reply that is not JSON".into())
                 }

@@ -127,7 +127,43 @@ impl TokenStore {
         let mut body =
             serde_json::to_vec_pretty(grant).map_err(|e| err(std::io::Error::other(e)))?;
         body.push(b'\n');
-        write_private(&self.path, &body).map_err(err)
+        write_private(&self.path, &body).map_err(err)?;
+        // `exorelay login` and `doctor` run as root write files the relay must still read.
+        self.hand_to_relay_user();
+        Ok(())
+    }
+}
+
+impl TokenStore {
+    /// Run as root (`sudo exorelay login`), the file and its folder would be root's and the
+    /// relay, running as its own user, could not read them. So they are given to the owner of
+    /// the folder above the state folder (`/var/lib/exorelay` belongs to the relay's user),
+    /// unless that is root too. Best effort: a failure leaves root's files, which the relay
+    /// reports as unreadable with the path.
+    pub fn hand_to_relay_user(&self) {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let Some(dir) = self.path.parent() else {
+            return;
+        };
+        let Some(owner) = std::path::absolute(dir)
+            .ok()
+            .and_then(|d| d.parent().map(Path::to_path_buf))
+            .and_then(|p| std::fs::metadata(p).ok())
+        else {
+            return;
+        };
+        if owner.uid() == 0 {
+            return;
+        }
+        for p in [dir, self.path.as_path()] {
+            if let Err(e) = std::os::unix::fs::chown(p, Some(owner.uid()), Some(owner.gid())) {
+                tracing::warn!(path = %p.display(), error = %e, "cannot give the sign-in file to the relay's user");
+            }
+        }
     }
 }
 
@@ -248,6 +284,33 @@ mod tests {
             let e = TokenStore::new(&path).load().unwrap_err().to_string();
             assert!(e.contains("not a token file"), "{e}");
             assert!(!e.contains("secret-garbage"), "{e}");
+        }
+    }
+
+    /// `sudo exorelay login` leaves files the relay's user owns (the owner of the folder above
+    /// the state folder), not root's.
+    #[test]
+    fn root_hands_the_sign_in_to_the_relay_user() {
+        use std::os::unix::fs::MetadataExt;
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("var-lib-exorelay");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(4321), Some(4322)).unwrap();
+        let store = TokenStore::new(home.join("state/frontdesk.refresh-token"));
+        store
+            .save(&Grant {
+                refresh_token: "rt".into(),
+                obtained_at: Utc::now(),
+                user: None,
+            })
+            .unwrap();
+        for p in [home.join("state"), store.path().to_path_buf()] {
+            let m = std::fs::metadata(&p).unwrap();
+            assert_eq!((m.uid(), m.gid()), (4321, 4322), "{}", p.display());
         }
     }
 }
