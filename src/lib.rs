@@ -87,6 +87,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     tls::install_provider();
+    let hup = reload::sighup();
     let Listeners {
         smtp: listeners,
         http: http_listener,
@@ -113,6 +114,8 @@ pub async fn run(
         "spool recovered"
     );
     let spool = Arc::new(spool);
+    // The spool's lock is ours now, so no other relay writes the state folder either.
+    oauth::store::remove_stale_temps(&config.state_dir());
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.spool_corrupt.inc_by(recovered.quarantined as u64);
     let forwarder = forward::Forwarder::new(config.clone(), spool.clone(), metrics.clone())?;
@@ -149,7 +152,7 @@ pub async fn run(
         .map_err(|(address, e)| RunError::Tls(address, e))?,
     );
     metrics.config_loaded();
-    tokio::spawn(reload::on_sighup(reloader.clone(), shutdown.clone()));
+    tokio::spawn(reload::on_sighup(hup, reloader.clone(), shutdown.clone()));
     let http_task = http_listener.zip(http_live).map(|(l, live)| {
         let state = Arc::new(http::AppState::new(
             live,

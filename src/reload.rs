@@ -390,7 +390,17 @@ impl Reloader {
 
     /// Re-reads the config file and puts it in force, or refuses it (see the module header).
     /// Logs and counts the outcome.
-    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+    /// Runs in a task of its own: a caller that goes away (an HTTP client that hangs up, a
+    /// request timeout) cannot cut a reload off between handing the forwarder its part and
+    /// handing the listeners theirs.
+    pub async fn reload(self: &Arc<Self>) -> Result<Reloaded, ReloadError> {
+        let me = self.clone();
+        tokio::spawn(async move { me.reload_logged().await })
+            .await
+            .unwrap_or(Err(ReloadError::Stopped))
+    }
+
+    async fn reload_logged(&self) -> Result<Reloaded, ReloadError> {
         let result = self.reload_inner().await;
         match &result {
             Ok(r) => {
@@ -428,14 +438,37 @@ impl Reloader {
         let mut sockets = Vec::new();
         for (lc, p) in new.listeners.iter().zip(&plan.listeners) {
             if *p == ListenerPlan::Bind {
-                let socket =
-                    TcpListener::bind(lc.address)
-                        .await
-                        .map_err(|source| ReloadError::Bind {
+                // A running listener on the same port (a wildcard, or another address being
+                // given up) still holds it: binding first keeps the reload all or nothing, so
+                // that move needs a restart, and the refusal says so.
+                let holder = current
+                    .config
+                    .listeners
+                    .iter()
+                    .map(|l| l.address)
+                    .find(|a| a.port() == lc.address.port() && *a != lc.address);
+                let socket = TcpListener::bind(lc.address).await.map_err(|source| {
+                    match holder {
+                        Some(old) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                            ReloadError::Bind {
+                                file: file.clone(),
+                                address: lc.address,
+                                source: std::io::Error::new(
+                                    source.kind(),
+                                    format!(
+                                        "port {} is held by the running listener {old}; moving a listener to another address on the same port needs a restart (restart exorelay)",
+                                        lc.address.port()
+                                    ),
+                                ),
+                            }
+                        }
+                        _ => ReloadError::Bind {
                             file: file.clone(),
                             address: lc.address,
                             source,
-                        })?;
+                        },
+                    }
+                })?;
                 sockets.push(Some(socket));
             } else {
                 sockets.push(None);
@@ -538,10 +571,26 @@ impl Reloader {
 }
 
 /// Reloads on every SIGHUP until `shutdown` (`systemctl reload` and `kill -HUP` send it).
-pub async fn on_sighup(reloader: Arc<Reloader>, shutdown: CancellationToken) {
+/// The SIGHUP handler, installed at once: until it is, SIGHUP's default action ends the
+/// process (and systemd counts that as a clean stop, so it would not restart it). Call it
+/// before anything slow, such as the spool's recovery.
+pub fn sighup() -> Option<tokio::signal::unix::Signal> {
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        warn!("cannot install the SIGHUP handler; reload with `exorelay reload` instead");
+    match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            warn!(error = %e, "cannot install the SIGHUP handler; reload with `exorelay reload` instead");
+            None
+        }
+    }
+}
+
+pub async fn on_sighup(
+    hup: Option<tokio::signal::unix::Signal>,
+    reloader: Arc<Reloader>,
+    shutdown: CancellationToken,
+) {
+    let Some(mut hup) = hup else {
         return;
     };
     loop {

@@ -185,6 +185,20 @@ pub fn advise_delegated(code: Option<u32>, error: &str, ctx: &Context<'_>) -> (A
             true,
         ),
         Some(54005) => relogin("The authorization code was already redeemed (AADSTS54005).".into()),
+        Some(53003) => (
+            Advice::new(
+                "A Conditional Access policy blocks this user's sign-in for this app (AADSTS53003).".to_string(),
+                format!("In Entra admin center > Protection > Conditional Access, check the sign-in logs of the mailbox's user for app {client}: exclude the app or meet the policy (compliant device, location); then {login}."),
+            ),
+            true,
+        ),
+        Some(530035) => (
+            Advice::new(
+                "Security defaults block this sign-in (AADSTS530035).".to_string(),
+                format!("Security defaults require MFA registration and block legacy sign-ins: register MFA for the mailbox's user and {login}; or use an app-only account (client credentials) for this mailbox."),
+            ),
+            true,
+        ),
         Some(700025) => (
             Advice::new(
                 "The app is registered as a public client, which may not send a secret or certificate (AADSTS700025).".to_string(),

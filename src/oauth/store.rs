@@ -109,17 +109,62 @@ impl TokenStore {
 
     /// Saves `rotated` if the file still holds `replaced` (the refresh token it was obtained
     /// with); `Ok(false)` when a newer sign-in is in the file, which is then left alone.
+    /// The check and the write hold the file's lock, so a sign-in written by `exorelay login`
+    /// cannot land between them and be overwritten.
     pub fn save_rotation(&self, replaced: &str, rotated: &Grant) -> Result<bool, StoreError> {
+        let _lock = self.lock()?;
         if let Ok(Some(current)) = self.load()
             && current.refresh_token != replaced
         {
             return Ok(false);
         }
-        self.save(rotated).map(|()| true)
+        self.write(rotated).map(|()| true)
     }
 
     /// Replaces the stored grant atomically (temp file, fsync, rename, fsync of the folder).
     pub fn save(&self, grant: &Grant) -> Result<(), StoreError> {
+        let _lock = self.lock()?;
+        self.write(grant)
+    }
+
+    /// An exclusive `flock` on `.<name>.lock` beside the file, held until dropped: the relay's
+    /// rotation and `exorelay login` (other processes) take turns.
+    fn lock(&self) -> Result<std::fs::File, StoreError> {
+        use std::os::fd::AsRawFd;
+        let err = |source| StoreError::Write {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(err)?;
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(dir.join(format!(".{name}.lock")))
+            .map_err(err)?;
+        // SAFETY: flock on a descriptor this function owns; the lock ends when `file` closes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        Ok(file)
+    }
+
+    fn write(&self, grant: &Grant) -> Result<(), StoreError> {
         let err = |source| StoreError::Write {
             path: self.path.display().to_string(),
             source,
@@ -163,6 +208,20 @@ impl TokenStore {
             if let Err(e) = std::os::unix::fs::chown(p, Some(owner.uid()), Some(owner.gid())) {
                 tracing::warn!(path = %p.display(), error = %e, "cannot give the sign-in file to the relay's user");
             }
+        }
+    }
+}
+
+/// Removes temporary files a crash left in the state folder (they may hold a refresh token).
+/// Called at start, before anything writes there.
+pub fn remove_stale_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
@@ -244,7 +303,8 @@ mod tests {
         assert!(!format!("{back:?}").contains("rt-two"));
         let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("state"))
             .unwrap()
-            .map(|e| e.unwrap().file_name())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.ends_with(".lock"))
             .collect();
         assert_eq!(leftovers.len(), 1, "no temporary files left: {leftovers:?}");
     }
@@ -312,5 +372,53 @@ mod tests {
             let m = std::fs::metadata(&p).unwrap();
             assert_eq!((m.uid(), m.gid()), (4321, 4322), "{}", p.display());
         }
+    }
+
+    /// While the relay holds the lock between its check and its write, a sign-in written by
+    /// another process waits; and stale temporary files are cleaned at start.
+    #[test]
+    fn a_sign_in_waits_for_a_rotation_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state/frontdesk.refresh-token");
+        let grant = |t: &str| Grant {
+            refresh_token: t.into(),
+            obtained_at: Utc::now(),
+            user: None,
+        };
+        TokenStore::new(&path).save(&grant("old")).unwrap();
+        let held = TokenStore::new(&path).lock().unwrap();
+        let p = path.clone();
+        let login = std::thread::spawn(move || TokenStore::new(&p).save(&grant("new")));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            !login.is_finished(),
+            "the sign-in did not wait for the lock"
+        );
+        // The relay's rotation of "old" would be written here, under the lock.
+        drop(held);
+        login.join().unwrap().unwrap();
+        let kept = TokenStore::new(&path).load().unwrap().unwrap();
+        assert_eq!(kept.refresh_token, "new");
+        // A later rotation of the older grant does not overwrite the new sign-in.
+        assert!(
+            !TokenStore::new(&path)
+                .save_rotation("old", &grant("old-2"))
+                .unwrap()
+        );
+
+        std::fs::write(
+            path.parent()
+                .unwrap()
+                .join(".frontdesk.refresh-token.1234.tmp"),
+            "rt",
+        )
+        .unwrap();
+        remove_stale_temps(path.parent().unwrap());
+        let left: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 }
