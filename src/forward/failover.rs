@@ -106,6 +106,24 @@ pub fn wake(account: &Account, fallback: &Account, now: Instant) -> Option<Insta
         .min()
 }
 
+/// When a message whose attempt just ended is due again. A message that the account itself
+/// refused for a configuration cause (a pause signal: the attempt that paused it, or a failed
+/// probe) is due at once when the account has a fallback: the fallback takes it, since the
+/// account's next probe is `probe_interval` away. Without this, a message that is due again
+/// when the next probe is (a retry delay as long as `probe_interval`) would be that probe time
+/// after time and never reach the fallback. Pure.
+pub fn retry_at(
+    retry_at: Option<Instant>,
+    paused_by_attempt: bool,
+    has_fallback: bool,
+    now: Instant,
+) -> Option<Instant> {
+    match retry_at {
+        Some(_) if paused_by_attempt && has_fallback => Some(now),
+        other => other,
+    }
+}
+
 /// Marks the recipients this attempt delivered through the fallback: the meta records which
 /// account delivered them and why, and their last reply says so for `queue show`.
 pub fn mark_delivered_via(settled: &mut Settlement, attempted: &[String], failover: &Failover) {
@@ -220,6 +238,25 @@ mod tests {
             f.to_string(),
             "failing over to graph: SMTP AUTH is disabled (5.7.139)."
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_the_account_refused_goes_to_the_fallback_at_once() {
+        let now = Instant::now();
+        let later = Some(now + Duration::from_secs(1));
+        // (retry_at, the attempt paused the account, a fallback is configured) -> due
+        for (retry, paused, fallback, due) in [
+            (later, true, true, Some(now)),
+            (later, true, false, later),
+            (later, false, true, later),
+            (None, true, true, None),
+        ] {
+            assert_eq!(
+                retry_at(retry, paused, fallback, now),
+                due,
+                "{paused} {fallback}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -494,7 +494,19 @@ impl Forwarder {
                 _ = shutdown.cancelled() => break,
                 Some(meta) = committed.recv() => self.committed(meta),
                 Some(done) = done_rx.recv() => {
-                    self.schedule.finished(&done.id, &done.account, done.retry_at);
+                    let paused_by_attempt = done.sender == done.account
+                        && matches!(done.signal, Some(AccountSignal::Paused(_)));
+                    let has_fallback = self
+                        .lanes
+                        .get(&done.sender)
+                        .is_some_and(|l| l.fallback.is_some());
+                    let retry_at = failover::retry_at(
+                        done.retry_at,
+                        paused_by_attempt,
+                        has_fallback,
+                        Instant::now(),
+                    );
+                    self.schedule.finished(&done.id, &done.account, retry_at);
                     self.finished(&done);
                 }
                 Some((cmd, reply)) = self.control_rx.recv() => {
