@@ -131,6 +131,10 @@ async fn commit_smtp(spool: &Arc<Spool>) -> String {
 }
 
 async fn commit_now(spool: &Arc<Spool>) -> String {
+    commit_to(spool, &["b@contoso.com"]).await
+}
+
+async fn commit_to(spool: &Arc<Spool>, to: &[&str]) -> String {
     let mut w = spool.create().await.unwrap();
     w.write(b"Subject: test\r\n\r\nx\r\n").await.unwrap();
     let client = Client {
@@ -139,7 +143,8 @@ async fn commit_now(spool: &Arc<Spool>) -> String {
         login: None,
         tls: false,
     };
-    let meta = Meta::new("smtp", "a@printer", &["b@contoso.com".into()], client);
+    let to: Vec<String> = to.iter().map(|s| s.to_string()).collect();
+    let meta = Meta::new("smtp", "a@printer", &to, client);
     w.commit(spool, meta).await.unwrap()
 }
 
@@ -229,31 +234,34 @@ async fn a_paused_account_fails_over_and_switches_back_after_its_probe_works() {
     );
 }
 
-/// A recipient delivered through the fallback records which account delivered it and why.
+/// A recipient delivered through the fallback records which account delivered it and why, in
+/// the meta (`via`) and in its last reply; the status event of the delivery says so too.
 #[tokio::test(start_paused = true)]
 async fn the_meta_records_the_fallback_that_delivered() {
-    let h = start_pair(
-        vec![(0, blocked(config_error()))],
-        vec![(
-            0,
-            Attempt::all(1, Outcome::Temporary("451 4.3.0 busy".into())),
-        )],
-    )
-    .await;
-    let id = commit_smtp(&h.spool).await;
+    let part = Attempt {
+        outcomes: vec![
+            Outcome::Delivered("250 2.0.0 OK".into()),
+            Outcome::Temporary("451 4.3.0 busy".into()),
+        ],
+        signal: None,
+        unreachable: None,
+    };
+    let h = start_pair(vec![(0, blocked(config_error()))], vec![(0, part)]).await;
+    let id = commit_to(&h.spool, &["b@contoso.com", "c@contoso.com"]).await;
     h.run_for(3).await;
-    // Deferred by the fallback: no `via` yet, the reply says what the fallback answered.
     let m = h.spool.load(&id).unwrap();
-    assert_eq!(m.recipients[0].via, None);
-    assert!(
-        m.recipients[0]
-            .last_reply
-            .as_deref()
-            .is_some_and(|r| r.contains("busy"))
+    let via = m.recipients[0].via.as_ref().expect("via recorded");
+    assert_eq!(
+        (via.account.as_str(), via.cause.as_str()),
+        ("spare", "SMTP AUTH is disabled.")
     );
-    // The retry 10 s later goes through the fallback again and delivers; delivered messages
-    // leave the spool, so the record is read from the status events.
-    h.run_for(15).await;
+    assert_eq!(
+        m.recipients[0].last_reply.as_deref(),
+        Some("delivered via fallback spare because SMTP AUTH is disabled.: 250 2.0.0 OK")
+    );
+    assert_eq!(m.recipients[1].via, None, "deferred, not delivered");
+    // A retry later delivers the second recipient through the fallback too.
+    h.run_for(30).await;
     assert_eq!(h.queued(), 0);
     let delivered = h
         .status
@@ -269,6 +277,38 @@ async fn the_meta_records_the_fallback_that_delivered() {
         "{}",
         delivered.detail
     );
+    assert!(h.metric(r#"exorelay_messages_delivered_total{account="spare"} 1"#));
+    assert!(
+        !h.metrics
+            .encode()
+            .contains(r#"exorelay_messages_delivered_total{account="smtp"}"#)
+    );
+}
+
+/// A message that fails permanently on the fallback gets its delivery status notification
+/// queued on the fallback, which sends it.
+#[tokio::test(start_paused = true)]
+async fn the_dsn_of_a_message_failed_on_the_fallback_goes_through_the_fallback() {
+    let refused = Attempt::all(1, Outcome::Permanent("550 5.1.1 unknown".into()));
+    let h = start_pair(vec![(0, blocked(config_error()))], vec![(0, refused)]).await;
+    let id = commit_smtp(&h.spool).await;
+    h.run_for(5).await;
+    assert_eq!(h.spool.locate(&id), Some(Area::Failed));
+    let spare = ids(&h.spare.calls());
+    assert_eq!(spare.len(), 2, "the message, then its DSN: {spare:?}");
+    assert_eq!(spare[0], id);
+    assert_eq!(
+        ids(&h.smtp.calls()),
+        [id],
+        "only the attempt that paused it"
+    );
+    let dsn = h
+        .status
+        .recent_events()
+        .into_iter()
+        .find(|e| e.kind == "delivered" && e.queue_id == spare[1])
+        .unwrap();
+    assert_eq!(dsn.account, "spare", "queued on the fallback: {dsn:?}");
 }
 
 /// Throttling and an administrator's pause do not fail over: the mail waits.
