@@ -15,6 +15,9 @@
 //! - the account's own probe goes on, every `probe_interval`, with one message sent through the
 //!   account itself; when it works the account is `Active` again, and its mail goes through it
 //!   at once (switch-back). Attempts already running through the fallback finish there;
+//! - a message the account itself refused (the attempt that paused it, or a failed probe) is due
+//!   again at once, so the fallback takes it ([`retry_at`]): it is never the failing probe time
+//!   after time;
 //! - every other due message of the account is sent through the fallback's lane: its slots and
 //!   connections, its upstream (so its rate limits and `rewrite_from`), and its state. A blocked
 //!   fallback sends nothing: the mail waits. A paused fallback's probe may be one of these

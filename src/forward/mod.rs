@@ -583,7 +583,13 @@ impl Forwarder {
                     self.schedule
                         .schedule(&id, &m.account, Instant::now())
                         .map_err(|_| busy())?;
-                    Ok(match self.lanes.get(&m.account).map(|l| &l.state.state) {
+                    let lane = self.lanes.get(&m.account);
+                    let failover =
+                        lane.and_then(|l| failover::failover(&l.state, l.fallback.as_deref()));
+                    if let Some(f) = failover {
+                        return Ok(format!("{id} will be tried now; its account is {f}"));
+                    }
+                    Ok(match lane.map(|l| &l.state.state) {
                         Some(account::State::Active) | None => format!("{id} will be tried now"),
                         Some(blocked) => format!(
                             "{id} will be tried now; its account is {}, so it goes first when the account allows",

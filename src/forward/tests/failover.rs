@@ -345,11 +345,19 @@ async fn a_blocked_fallback_keeps_the_mail_queued() {
         vec![(0, blocked(config_error())), (0, blocked(config_error()))],
     )
     .await;
+    let mut queued = Vec::new();
     for _ in 0..3 {
-        commit_smtp(&h.spool).await;
+        queued.push(commit_smtp(&h.spool).await);
     }
     h.run_for(30).await;
     assert_eq!(h.queued(), 3);
+    let answer = h.control.send(Command::Retry(queued[2].clone())).await;
+    assert!(
+        answer
+            .as_deref()
+            .is_ok_and(|a| a.contains("its account is failing over to spare: ")),
+        "{answer:?}"
+    );
     assert_eq!(h.smtp.calls().len(), 1);
     assert_eq!(
         h.spare.calls().len(),
