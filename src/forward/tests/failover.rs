@@ -393,6 +393,8 @@ struct ChaosLog {
     overlaps: Vec<String>,
     delivered: Map<String, usize>,
     attempts: usize,
+    /// Each attempt through "smtp": whether it paused the account.
+    smtp_paused: Vec<bool>,
 }
 
 impl Upstream for Chaos {
@@ -423,6 +425,9 @@ impl Upstream for Chaos {
             };
             if let Ok(mut l) = self.log.lock() {
                 l.running.remove(&id);
+                if self.name == "smtp" {
+                    l.smtp_paused.push(reply.signal.is_some());
+                }
                 if matches!(reply.outcomes.first(), Some(Outcome::Delivered(_))) {
                     *l.delivered.entry(id).or_default() += 1;
                 }
@@ -481,6 +486,12 @@ async fn one_attempt_per_message_holds_across_switch_over_and_back() {
         l.overlaps
     );
     assert!(l.attempts > all.len(), "the scenario made retries");
+    let first_pause = l.smtp_paused.iter().position(|p| *p);
+    assert!(
+        first_pause.is_some_and(|i| l.smtp_paused[i..].iter().any(|p| !p)),
+        "the scenario switched over and back: {:?}",
+        l.smtp_paused
+    );
     for id in &all {
         assert_eq!(l.delivered.get(id), Some(&1), "{id} delivered exactly once");
     }
