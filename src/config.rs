@@ -316,6 +316,10 @@ pub struct AccountConfig {
     /// shrink it to run a rate-limit scenario in seconds.
     #[serde(default = "default_rate_window", deserialize_with = "de_duration")]
     pub rate_window: Duration,
+    /// Another account that sends this account's mail while this one is paused by a
+    /// configuration problem (SMTP AUTH disabled, token refused); see "Failover" in the README.
+    /// One hop only: the fallback has no fallback of its own.
+    pub fallback: Option<String>,
 }
 
 /// The HTTP side: health, metrics, queue API, status page. Off unless `listen` is set.
@@ -967,6 +971,11 @@ impl Config {
                 }
             }
         }
+        for (i, a) in self.accounts.iter().enumerate() {
+            if let Err(msg) = validate_fallback(a, &self.accounts) {
+                return Err(here.err(&[key("account"), Seg::Index(i), key("fallback")], msg));
+            }
+        }
 
         if let Some(listen) = self.http.listen {
             let at = |k: &str| vec![key("http"), key(k)];
@@ -1278,6 +1287,31 @@ fn check_private_file(path: &Path) -> Result<(), String> {
             "{:?} is readable by every user on this machine (mode {mode:o}); run: chmod 600 {}",
             path.display().to_string(),
             path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// `fallback` names another configured account that has no fallback of its own (one hop, so
+/// no chains and no cycles); only an `exchange` account may name one.
+fn validate_fallback(a: &AccountConfig, accounts: &[AccountConfig]) -> Result<(), String> {
+    let Some(fallback) = &a.fallback else {
+        return Ok(());
+    };
+    if a.kind != AccountKind::Exchange {
+        return Err("only used by kind = \"exchange\"".into());
+    }
+    if fallback == &a.name {
+        return Err(format!(
+            "{fallback:?} is this account itself; name another [[account]]"
+        ));
+    }
+    let Some(target) = accounts.iter().find(|t| &t.name == fallback) else {
+        return Err(format!("no [[account]] is named {fallback:?}"));
+    };
+    if target.fallback.is_some() {
+        return Err(format!(
+            "account {fallback:?} has a fallback of its own; failover is one hop only"
         ));
     }
     Ok(())
@@ -1623,5 +1657,56 @@ client_id = "abc"
         let e = parse(&text).unwrap_err();
         assert!(e.message.contains("open relay"), "{e}");
         assert_eq!(e.field.as_deref(), Some("relay.allowed_networks[0]"));
+    }
+
+    #[test]
+    fn fallback_names_another_account_one_hop_only() {
+        let exchange = |name: &str, fallback: &str| {
+            format!(
+                "[[account]]\nname = \"{name}\"\nkind = \"exchange\"\nmailbox = \"{name}@contoso.com\"\ntenant = \"contoso.com\"\nclient_id = \"abc\"\nauth = \"delegated\"\n{fallback}\n"
+            )
+        };
+        let with = |accounts: &str| parse(&format!("{MINIMAL}{accounts}"));
+        let c = with(&exchange("smtp", "fallback = \"local\"")).expect("capture fallback");
+        assert_eq!(c.accounts[1].fallback.as_deref(), Some("local"));
+        assert_eq!(c.accounts[0].fallback, None);
+        let two = exchange("smtp", "fallback = \"spare\"") + &exchange("spare", "");
+        assert!(with(&two).is_ok(), "another exchange account");
+        for (accounts, message, line) in [
+            (
+                exchange("smtp", "fallback = \"nowhere\""),
+                "no [[account]] is named \"nowhere\"",
+                16,
+            ),
+            (
+                exchange("smtp", "fallback = \"smtp\""),
+                "this account itself",
+                16,
+            ),
+            (
+                exchange("smtp", "fallback = \"spare\"")
+                    + &exchange("spare", "fallback = \"local\""),
+                "one hop only",
+                16,
+            ),
+            (
+                exchange("smtp", "fallback = \"spare\"")
+                    + &exchange("spare", "fallback = \"smtp\""),
+                "one hop only",
+                16,
+            ),
+        ] {
+            let e = with(&accounts).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("account[1].fallback"), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+            assert!(e.message.contains(message), "{e}");
+        }
+        let e = parse(&MINIMAL.replace("dir = \"cap\"", "dir = \"cap\"\nfallback = \"local\""))
+            .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("account[0].fallback"), "{e}");
+        assert!(
+            e.message.contains("only used by kind = \"exchange\""),
+            "{e}"
+        );
     }
 }

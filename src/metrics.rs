@@ -47,6 +47,13 @@ pub struct FailedLabels {
     pub class: String,
 }
 
+/// An account and the fallback that sends its mail while it is paused (failover).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub account: String,
+    pub fallback: String,
+}
+
 fn latency_histogram() -> Histogram {
     // 50 ms .. about 4.6 days.
     Histogram::new(exponential_buckets(0.05, 3.0, 14))
@@ -77,6 +84,8 @@ pub struct Metrics {
     pub throttled: Family<AccountLabel, Counter>,
     pub config_reloads: Family<ReloadLabels, Counter>,
     pub config_last_reload_success: Gauge,
+    pub account_failover: Family<FallbackLabels, Gauge>,
+    pub fallback_deliveries: Family<FallbackLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -112,6 +121,8 @@ impl Metrics {
             throttled: Family::default(),
             config_reloads: Family::default(),
             config_last_reload_success: Gauge::default(),
+            account_failover: Family::default(),
+            fallback_deliveries: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -226,6 +237,16 @@ impl Metrics {
             "Unix time of the last configuration load that took effect (start or reload)",
             m.config_last_reload_success.clone(),
         );
+        registry.register(
+            "account_failover",
+            "1 while an account's mail goes out through its fallback account (failover)",
+            m.account_failover.clone(),
+        );
+        registry.register(
+            "fallback_deliveries",
+            "Delivery attempts that delivered a message's recipients through the account's fallback",
+            m.fallback_deliveries.clone(),
+        );
         for result in ["ok", "refused"] {
             let _ = m.config_reloads.get_or_create(&ReloadLabels {
                 result: result.into(),
@@ -251,6 +272,13 @@ impl Metrics {
     pub fn config_loaded(&self) {
         self.config_last_reload_success
             .set(chrono::Utc::now().timestamp());
+    }
+
+    pub fn fallback(account: &str, fallback: &str) -> FallbackLabels {
+        FallbackLabels {
+            account: account.to_string(),
+            fallback: fallback.to_string(),
+        }
     }
 
     pub fn account(name: &str) -> AccountLabel {

@@ -20,6 +20,12 @@
 //!   (daily recipient quota) or paused by an administrator (until resumed; resume means "try
 //!   now"). The states and their transitions are [`account`]; [`Status`] and the
 //!   `exorelay_account_paused` gauge are derived from them.
+//! - failover: an account with a `fallback` that is paused by a configuration cause has its mail
+//!   sent through the fallback account's lane (its limits, upstream and state) while its own
+//!   probe goes on; the first probe that works switches it back. Throttled, held and
+//!   administrator-paused accounts do not fail over: their mail waits. The decisions and the
+//!   state-by-state reasons are [`failover`]; attempts report which account sent them, and a
+//!   recipient delivered through the fallback records it in the meta (`via`).
 //!
 //! Reload ([`Command::Reconfigure`], from `crate::reload`): the new config is used for every
 //! decision from then on (retry, max_age, probe_interval, the default account). An account
@@ -37,6 +43,7 @@
 pub mod account;
 pub mod backoff;
 pub mod dsn;
+pub mod failover;
 pub mod health;
 pub mod schedule;
 pub mod settle;
@@ -83,12 +90,18 @@ struct Lane {
     applied: u64,
     state: account::Account,
     health: health::Health,
+    /// The configured `fallback` account.
+    fallback: Option<String>,
+    /// The failover last published (log, event, gauge), to see switch-over and switch-back.
+    failover: Option<failover::Failover>,
 }
 
 impl Lane {
-    fn new(upstream: Arc<dyn Upstream>, max_connections: usize) -> Lane {
+    fn new(upstream: Arc<dyn Upstream>, max_connections: usize, fallback: Option<String>) -> Lane {
         Lane {
             upstream,
+            fallback,
+            failover: None,
             slots: Arc::new(Semaphore::new(max_connections.saturating_mul(2))),
             connections: Arc::new(Semaphore::new(max_connections)),
             signals: Arc::new(AtomicU64::new(0)),
@@ -101,6 +114,7 @@ impl Lane {
     /// Publishes a new lane's state: status, paused gauge and state gauge.
     fn publish(&self, name: &str, status: &Status, metrics: &Metrics) {
         status.set_account(name, &self.state);
+        status.set_fallback(name, self.fallback.clone());
         metrics
             .account_paused
             .get_or_create(&Metrics::account(name))
@@ -225,7 +239,10 @@ pub struct ForwarderError {
 /// What a finished attempt tells the scheduler.
 struct Done {
     id: String,
+    /// The account the message waits under in the schedule.
     account: String,
+    /// The account whose lane sent the attempt: `account`, or its fallback while failing over.
+    sender: String,
     /// The account's epoch when the attempt was dispatched (see [`account`]).
     epoch: u64,
     /// When to try again; `None` when the message has left the queue.
@@ -312,7 +329,7 @@ impl Forwarder {
         let mut lanes = HashMap::new();
         let status = Arc::new(Status::default());
         for a in &config.accounts {
-            let lane = Lane::new(upstream(&a.name)?, a.max_connections);
+            let lane = Lane::new(upstream(&a.name)?, a.max_connections, a.fallback.clone());
             lane.publish(&a.name, &status, &metrics);
             lanes.insert(a.name.clone(), lane);
         }
@@ -382,8 +399,48 @@ impl Forwarder {
                 account::metric_name(&after.state),
                 lane.health.degraded.is_some(),
             );
+            self.publish_failover(name);
         }
         Some((before, after))
+    }
+
+    /// Logs, reports and counts a switch-over to an account's fallback or a switch-back, when
+    /// its state or fallback changed which of the two sends its mail.
+    fn publish_failover(&mut self, name: &str) {
+        let Some(lane) = self.lanes.get_mut(name) else {
+            return;
+        };
+        let now = failover::failover(&lane.state, lane.fallback.as_deref());
+        if now == lane.failover {
+            return;
+        }
+        let before = std::mem::replace(&mut lane.failover, now.clone());
+        if let Some(old) = &before {
+            self.metrics
+                .account_failover
+                .get_or_create(&Metrics::fallback(name, &old.to))
+                .set(0);
+        }
+        match (&before, &now) {
+            (_, Some(f)) => {
+                warn!(account = %name, fallback = %f.to, cause = %f.cause, "failing over: this account's mail goes out through its fallback until a probe shows the account works again");
+                self.status.event("failover", "", name, &f.to_string());
+                self.metrics
+                    .account_failover
+                    .get_or_create(&Metrics::fallback(name, &f.to))
+                    .set(1);
+            }
+            (Some(old), None) => {
+                info!(account = %name, fallback = %old.to, cause = %old.cause, "switching back: this account sends its own mail again");
+                self.status.event(
+                    "failback",
+                    "",
+                    name,
+                    &format!("sending through {name} again instead of {}", old.to),
+                );
+            }
+            (None, None) => {}
+        }
     }
 
     /// When the run loop must look again without an event: the next scheduled message, or the
@@ -392,9 +449,16 @@ impl Forwarder {
         let blocks = self
             .lanes
             .iter()
-            .filter_map(|(name, lane)| match lane.state.admits(now) {
-                Admit::Nothing { until } if self.schedule.has_waiting(name) => until,
-                _ => None,
+            .filter(|(name, _)| self.schedule.has_waiting(name))
+            .filter_map(|(_, lane)| {
+                match failover::route(&lane.state, lane.fallback.as_deref(), now) {
+                    failover::Route::Own(Admit::Nothing { until }) => until,
+                    failover::Route::Own(_) => None,
+                    failover::Route::Fallback { to, .. } => {
+                        let fallback = self.lanes.get(&to)?;
+                        failover::wake(&lane.state, &fallback.state, now)
+                    }
+                }
             });
         blocks
             .chain(self.schedule.next_due())
@@ -430,7 +494,19 @@ impl Forwarder {
                 _ = shutdown.cancelled() => break,
                 Some(meta) = committed.recv() => self.committed(meta),
                 Some(done) = done_rx.recv() => {
-                    self.schedule.finished(&done.id, &done.account, done.retry_at);
+                    let paused_by_attempt = done.sender == done.account
+                        && matches!(done.signal, Some(AccountSignal::Paused(_)));
+                    let has_fallback = self
+                        .lanes
+                        .get(&done.sender)
+                        .is_some_and(|l| l.fallback.is_some());
+                    let retry_at = failover::retry_at(
+                        done.retry_at,
+                        paused_by_attempt,
+                        has_fallback,
+                        Instant::now(),
+                    );
+                    self.schedule.finished(&done.id, &done.account, retry_at);
                     self.finished(&done);
                 }
                 Some((cmd, reply)) = self.control_rx.recv() => {
@@ -507,7 +583,13 @@ impl Forwarder {
                     self.schedule
                         .schedule(&id, &m.account, Instant::now())
                         .map_err(|_| busy())?;
-                    Ok(match self.lanes.get(&m.account).map(|l| &l.state.state) {
+                    let lane = self.lanes.get(&m.account);
+                    let failover =
+                        lane.and_then(|l| failover::failover(&l.state, l.fallback.as_deref()));
+                    if let Some(f) = failover {
+                        return Ok(format!("{id} will be tried now; its account is {f}"));
+                    }
+                    Ok(match lane.map(|l| &l.state.state) {
                         Some(account::State::Active) | None => format!("{id} will be tried now"),
                         Some(blocked) => format!(
                             "{id} will be tried now; its account is {}, so it goes first when the account allows",
@@ -612,11 +694,13 @@ impl Forwarder {
                 let Some(upstream) = fresh else {
                     continue;
                 };
-                let lane = Lane::new(upstream, a.max_connections);
+                let lane = Lane::new(upstream, a.max_connections, a.fallback.clone());
                 lane.publish(&a.name, &self.status, &self.metrics);
                 self.lanes.insert(a.name.clone(), lane);
                 continue;
             };
+            lane.fallback = a.fallback.clone();
+            self.status.set_fallback(&a.name, a.fallback.clone());
             if max_changed {
                 // Attempts running keep the permits of the old budget; new ones use the new.
                 lane.slots = Arc::new(Semaphore::new(a.max_connections.saturating_mul(2)));
@@ -641,6 +725,11 @@ impl Forwarder {
             self.apply(name, &Event::AdminResume);
             info!(account = %name, "configuration reloaded; trying the account now");
         }
+        // A fallback added, changed or removed switches over or back now.
+        let names: Vec<String> = self.lanes.keys().cloned().collect();
+        for name in &names {
+            self.publish_failover(name);
+        }
         let removed: Vec<String> = self
             .lanes
             .keys()
@@ -648,7 +737,11 @@ impl Forwarder {
             .cloned()
             .collect();
         for name in &removed {
-            self.lanes.remove(name);
+            if let Some(f) = self.lanes.remove(name).and_then(|l| l.failover) {
+                self.metrics
+                    .account_failover
+                    .remove(&Metrics::fallback(name, &f.to));
+            }
             self.status.remove_account(name);
             // No series of an account that is gone (a stale "paused" would keep alerting).
             self.metrics.account_paused.remove(&Metrics::account(name));
@@ -674,18 +767,19 @@ impl Forwarder {
     }
 
     /// Applies what an attempt learnt about its account, and says so in the logs.
+    /// The account concerned is the one that sent the attempt (`done.sender`).
     fn finished(&mut self, done: &Done) {
         if done.stood_down {
-            self.apply(&done.account, &Event::NotSent { epoch: done.epoch });
+            self.apply(&done.sender, &Event::NotSent { epoch: done.epoch });
             return;
         }
-        let Some(lane) = self.lanes.get_mut(&done.account) else {
+        let Some(lane) = self.lanes.get_mut(&done.sender) else {
             return;
         };
         if done.signal.is_some() {
             lane.applied = lane.signals.load(Ordering::SeqCst);
         }
-        let name = done.account.as_str();
+        let name = done.sender.as_str();
         let reach = match &done.unreachable {
             Some(cause) => health::Reach::Unreachable(cause.clone()),
             None => health::Reach::Reached,
@@ -753,90 +847,178 @@ impl Forwarder {
         }
     }
 
-    /// Starts attempts for waiting messages while their account admits them and has free slots.
-    /// This is the only place attempts are created.
+    /// Starts attempts for waiting messages while the lane that sends them admits them and has
+    /// free slots: an account's own lane, or its fallback's while it fails over (see
+    /// [`failover`]). This is the only place attempts are created, and each takes a waiting
+    /// message from the schedule, so a message never has two attempts at once.
     fn dispatch(&mut self, done_tx: &mpsc::UnboundedSender<Done>, tracker: &TaskTracker) {
-        let names: Vec<String> = self.lanes.keys().cloned().collect();
-        for name in names {
+        let mut names: Vec<String> = self.lanes.keys().cloned().collect();
+        names.sort();
+        for name in &names {
             // A throttle or hold whose time is over ends here.
-            self.apply(&name, &Event::Tick);
-            if !self.schedule.has_waiting(&name) {
+            self.apply(name, &Event::Tick);
+        }
+        // The waiting lines each lane sends from, with the failover of the borrowed ones.
+        let mut lines: HashMap<String, Vec<(String, Option<failover::Failover>)>> = HashMap::new();
+        let now = Instant::now();
+        for name in &names {
+            if !self.schedule.has_waiting(name) {
                 continue;
             }
-            let Some(lane) = self.lanes.get(&name) else {
+            let Some(lane) = self.lanes.get(name) else {
                 continue;
             };
-            if lane.signals.load(Ordering::SeqCst) != lane.applied {
-                continue;
+            let f = failover::failover(&lane.state, lane.fallback.as_deref());
+            match failover::route(&lane.state, lane.fallback.as_deref(), now) {
+                failover::Route::Own(_) => {
+                    lines
+                        .entry(name.clone())
+                        .or_default()
+                        .push((name.clone(), None));
+                }
+                failover::Route::Fallback { to, probe } => {
+                    // The probe goes through the account itself, before the fallback takes the
+                    // rest, so that it is the oldest waiting message.
+                    if probe {
+                        let _ = self.launch(name, name, None, true, done_tx, tracker);
+                    }
+                    if self.lanes.contains_key(&to) {
+                        lines.entry(to).or_default().push((name.clone(), f));
+                    }
+                }
             }
+        }
+        for sender in &names {
+            let Some(mut queue) = lines.remove(sender) else {
+                continue;
+            };
+            let Some(lane) = self.lanes.get(sender) else {
+                continue;
+            };
             let probe = match lane.state.admits(Instant::now()) {
                 Admit::Any => false,
                 Admit::Probe => true,
                 Admit::Nothing { .. } => continue,
             };
-            while let Some(lane) = self.lanes.get(&name) {
-                let Ok(permit) = lane.slots.clone().try_acquire_owned() else {
-                    break;
-                };
-                let Some(id) = self.schedule.start_next(&name) else {
-                    break;
-                };
-                let gate = Gate {
-                    connections: lane.connections.clone(),
-                    seen: lane.signals.load(Ordering::SeqCst),
-                    signals: lane.signals.clone(),
-                    epoch: lane.state.epoch,
-                };
-                let upstream = lane.upstream.clone();
-                let fresh = self.fresh.remove(&id);
-                let (spool, config, done_tx, name, metrics, status) = (
-                    self.spool.clone(),
-                    self.config.clone(),
-                    done_tx.clone(),
-                    name.clone(),
-                    self.metrics.clone(),
-                    self.status.clone(),
-                );
-                if probe {
-                    info!(account = %name, queue_id = %id, "probing a paused account with one message");
-                    self.apply(&name, &Event::ProbeSent);
-                }
-                let (epoch, owned_id, owned_name) = (gate.epoch, id.clone(), name.clone());
-                let run = tokio::spawn(async move {
-                    let ctx = AttemptCtx {
-                        spool: &spool,
-                        config: &config,
-                        metrics: &metrics,
-                        status: &status,
-                    };
-                    attempt(&ctx, upstream.as_ref(), &gate, &id, &name, fresh).await
-                });
-                tracker.spawn(async move {
-                    // A panicking attempt must not leave its message "in flight" for ever (every
-                    // command on it refused, the account waiting for its signal): it counts as
-                    // not sent, and the message is tried again later.
-                    let done = run.await.unwrap_or_else(|e| {
-                        error!(queue_id = %owned_id, account = %owned_name, error = %e, "delivery attempt crashed; the message stays queued and is tried again in a minute");
-                        Done {
-                            id: owned_id,
-                            account: owned_name,
-                            epoch,
-                            retry_at: Some(Instant::now() + Duration::from_secs(60)),
-                            signal: None,
-                            delivered: 0,
-                            stood_down: true,
-                            unreachable: None,
-                        }
-                    });
-                    drop(permit);
-                    let _ = done_tx.send(done);
-                });
-                if probe {
-                    break;
+            // Round robin over the sender's own line and the lines it takes over, so neither
+            // starves the other.
+            let mut turn = 0;
+            while !queue.is_empty() {
+                turn %= queue.len();
+                let (line, f) = queue[turn].clone();
+                match self.launch(sender, &line, f, probe, done_tx, tracker) {
+                    Launch::Started if probe => break,
+                    Launch::Started => turn += 1,
+                    Launch::Empty => {
+                        queue.remove(turn);
+                    }
+                    Launch::Blocked => break,
                 }
             }
         }
     }
+
+    /// Starts one attempt of the oldest message waiting under `line`, through `sender`'s lane;
+    /// `failover` is set when `sender` is `line`'s fallback.
+    fn launch(
+        &mut self,
+        sender: &str,
+        line: &str,
+        failover: Option<failover::Failover>,
+        probe: bool,
+        done_tx: &mpsc::UnboundedSender<Done>,
+        tracker: &TaskTracker,
+    ) -> Launch {
+        let Some(lane) = self.lanes.get(sender) else {
+            return Launch::Blocked;
+        };
+        if lane.signals.load(Ordering::SeqCst) != lane.applied {
+            return Launch::Blocked;
+        }
+        let Ok(permit) = lane.slots.clone().try_acquire_owned() else {
+            return Launch::Blocked;
+        };
+        let Some(id) = self.schedule.start_next(line) else {
+            return Launch::Empty;
+        };
+        let gate = Gate {
+            connections: lane.connections.clone(),
+            seen: lane.signals.load(Ordering::SeqCst),
+            signals: lane.signals.clone(),
+            epoch: lane.state.epoch,
+        };
+        let upstream = lane.upstream.clone();
+        let fresh = self.fresh.remove(&id);
+        let (spool, config, done_tx, metrics, status) = (
+            self.spool.clone(),
+            self.config.clone(),
+            done_tx.clone(),
+            self.metrics.clone(),
+            self.status.clone(),
+        );
+        if probe {
+            info!(account = %sender, queue_id = %id, "probing a paused account with one message");
+            self.apply(sender, &Event::ProbeSent);
+        }
+        let route = Sending {
+            account: line.to_string(),
+            sender: sender.to_string(),
+            failover,
+        };
+        let (epoch, owned_id, owned_route) = (gate.epoch, id.clone(), route.clone());
+        let run = tokio::spawn(async move {
+            let ctx = AttemptCtx {
+                spool: &spool,
+                config: &config,
+                metrics: &metrics,
+                status: &status,
+            };
+            attempt(&ctx, upstream.as_ref(), &gate, &id, &route, fresh).await
+        });
+        tracker.spawn(async move {
+            // A panicking attempt must not leave its message "in flight" for ever (every
+            // command on it refused, the account waiting for its signal): it counts as
+            // not sent, and the message is tried again later.
+            let done = run.await.unwrap_or_else(|e| {
+                error!(queue_id = %owned_id, account = %owned_route.sender, error = %e, "delivery attempt crashed; the message stays queued and is tried again in a minute");
+                Done {
+                    id: owned_id,
+                    account: owned_route.account,
+                    sender: owned_route.sender,
+                    epoch,
+                    retry_at: Some(Instant::now() + Duration::from_secs(60)),
+                    signal: None,
+                    delivered: 0,
+                    stood_down: true,
+                    unreachable: None,
+                }
+            });
+            drop(permit);
+            let _ = done_tx.send(done);
+        });
+        Launch::Started
+    }
+}
+
+/// What [`Forwarder::launch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    Started,
+    /// No message waits under that line.
+    Empty,
+    /// The sending lane has no free slot or a block is being applied.
+    Blocked,
+}
+
+/// Who an attempt is for and who sends it.
+#[derive(Debug, Clone)]
+struct Sending {
+    /// The account the message waits under (its own, or the default after a reload).
+    account: String,
+    /// The account whose upstream sends it.
+    sender: String,
+    /// Set when `sender` is `account`'s fallback: the failover in force.
+    failover: Option<failover::Failover>,
 }
 
 /// What an attempt needs besides the message.
@@ -883,13 +1065,15 @@ async fn attempt(
     upstream: &dyn Upstream,
     gate: &Gate,
     id: &str,
-    account: &str,
+    route: &Sending,
     fresh: Option<Meta>,
 ) -> Done {
     let (spool, config) = (ctx.spool, ctx.config);
+    let account = route.sender.as_str();
     let gone = |signal| Done {
         id: id.to_string(),
-        account: account.to_string(),
+        account: route.account.clone(),
+        sender: route.sender.clone(),
         epoch: gate.epoch,
         retry_at: None,
         signal,
@@ -955,11 +1139,15 @@ async fn attempt(
         max_age: config.queue.max_age,
         backoff: &backoff,
     };
-    let settled = settle::settle(meta, &recipients, &result.outcomes, now, &policy);
-    let retry_in = persist(ctx, &settled, account).await;
+    let mut settled = settle::settle(meta, &recipients, &result.outcomes, now, &policy);
+    if let Some(f) = &route.failover {
+        failover::mark_delivered_via(&mut settled, &recipients, f);
+    }
+    let retry_in = persist(ctx, &settled, route).await;
     Done {
         id: id.to_string(),
-        account: account.to_string(),
+        account: route.account.clone(),
+        sender: route.sender.clone(),
         epoch: gate.epoch,
         retry_at: retry_in.map(|d| Instant::now() + d),
         signal: result.signal,
@@ -972,8 +1160,16 @@ async fn attempt(
 /// Acts on a settled attempt: writes the meta (or removes the message, or moves it to
 /// `failed/` with a DSN), logs, counts and reports. Returns when to try again; when the spool
 /// cannot be written, the meta on disk still says pending, so a later retry is safe.
-async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<Duration> {
+/// Metrics count by the account that sent (the fallback while failing over); the status page's
+/// events name the message's account and say when the fallback delivered it.
+async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, route: &Sending) -> Option<Duration> {
     let (spool, config, meta, id) = (ctx.spool, ctx.config, &s.meta, s.meta.id.as_str());
+    let account = route.sender.as_str();
+    let via = route
+        .failover
+        .as_ref()
+        .map(|f| format!(" via fallback {} because {}", f.to, f.cause))
+        .unwrap_or_default();
     for (recipient, reply) in &s.refused {
         warn!(queue_id = %id, %recipient, %reply, "recipient failed permanently");
     }
@@ -982,7 +1178,7 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
         Disposition::Failed { expired } => (None, expired),
         Disposition::Delivered | Disposition::Hold => (None, false),
     };
-    info!(queue_id = %id, account = %account, attempt = meta.attempts, delivered = s.delivered, deferred = s.deferred,
+    info!(queue_id = %id, account = %route.account, sent_by = %account, attempt = meta.attempts, delivered = s.delivered, deferred = s.deferred,
           failed = s.failed, not_attempted = s.skipped, expired, retry_at = ?meta.next_attempt_at,
           last_problem = ?s.last_problem, "delivery attempt");
 
@@ -1013,7 +1209,7 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
             let why = s.last_problem.as_deref().unwrap_or("sender refused");
             warn!(queue_id = %id, account = %account, sender = %meta.mail_from.escape_debug(), reason = %why,
                   "message put on hold: Exchange refused its sender; the account keeps sending other mail; release it once fixed");
-            ctx.status.event("held", id, account, why);
+            ctx.status.event("held", id, &route.account, why);
         }
         Disposition::Failed { expired } => {
             warn!(queue_id = %id, "message moved to failed/");
@@ -1028,10 +1224,10 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
             ctx.status.event(
                 "failed",
                 id,
-                account,
-                s.last_problem.as_deref().unwrap_or(class),
+                &route.account,
+                &format!("{}{via}", s.last_problem.as_deref().unwrap_or(class)),
             );
-            send_dsn(spool, config, meta).await;
+            send_dsn(spool, config, meta, account).await;
         }
         Disposition::Delivered => {
             // Latency first: a scrape that sees the delivery also sees its latency.
@@ -1044,8 +1240,8 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
             ctx.status.event(
                 "delivered",
                 id,
-                account,
-                &format!("{} recipient(s)", meta.recipients.len()),
+                &route.account,
+                &format!("{} recipient(s){via}", meta.recipients.len()),
             );
         }
         Disposition::Retry(_) if s.deferred > 0 => {
@@ -1053,18 +1249,27 @@ async fn persist(ctx: &AttemptCtx<'_>, s: &Settlement, account: &str) -> Option<
             ctx.status.event(
                 "deferred",
                 id,
-                account,
-                s.last_problem.as_deref().unwrap_or(""),
+                &route.account,
+                &format!("{}{via}", s.last_problem.as_deref().unwrap_or("")),
             );
         }
         Disposition::Retry(_) => {}
+    }
+    if let Some(f) = &route.failover
+        && s.delivered > 0
+    {
+        ctx.metrics
+            .fallback_deliveries
+            .get_or_create(&Metrics::fallback(&route.account, &f.to))
+            .inc();
     }
     retry_in
 }
 
 /// Queues a delivery status notification for a failed message, unless it was itself a
-/// notification (null sender) or DSNs are off.
-async fn send_dsn(spool: &Arc<Spool>, config: &Config, meta: &Meta) {
+/// notification (null sender) or DSNs are off. It goes out through `sender`, the account that
+/// made the attempt (the fallback's own while failing over).
+async fn send_dsn(spool: &Arc<Spool>, config: &Config, meta: &Meta, sender: &str) {
     let mut to = Vec::new();
     // A sender without a domain (a device that only knows its own name) cannot get mail.
     let sender_reachable = meta.mail_from.contains('@');
@@ -1095,7 +1300,7 @@ async fn send_dsn(spool: &Arc<Spool>, config: &Config, meta: &Meta) {
         smtputf8: false,
     };
     let result = submission
-        .enqueue(spool, &config.hostname, &meta.account, &report)
+        .enqueue(spool, &config.hostname, sender, &report)
         .await;
     match result {
         Ok(dsn_id) => {

@@ -1,7 +1,9 @@
 //! A shared, read-only view of each account's delivery state, for logs, `send-test` and the
 //! HTTP side. The forwarder stores each account's state machine ([`super::account::Account`])
 //! here after every transition; what readers get ([`AccountState`]) is derived from it when they
-//! ask, so the view cannot drift from the state the forwarder acts on.
+//! ask, so the view cannot drift from the state the forwarder acts on. The same holds for
+//! failover: whether an account is "failing over to <fallback>: <cause>" is derived from its
+//! state and its configured fallback by [`super::failover::failover`].
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,6 +14,7 @@ use serde::Serialize;
 use crate::advice::Advice;
 
 use super::account::Account;
+use super::failover::{Failover, failover};
 use super::health::Health;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -50,13 +53,20 @@ pub struct AccountStatus {
     pub credential_expired: bool,
     pub last_success: Option<DateTime<Utc>>,
     pub last_error: Option<String>,
+    /// While the account's mail goes out through its fallback: which one and why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Failover>,
+    /// The same in words: "failing over to <fallback>: <cause>".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing_over: Option<String>,
 }
 
 /// One thing that happened to a message, for the status page.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
     pub time: DateTime<Utc>,
-    /// delivered | deferred | failed | paused | resumed | degraded | recovered
+    /// delivered | deferred | failed | paused | resumed | degraded | recovered | failover |
+    /// failback
     pub kind: &'static str,
     pub queue_id: String,
     pub account: String,
@@ -73,11 +83,16 @@ struct Stored {
     credential_notices: Vec<crate::lifecycle::Notice>,
     last_success: Option<DateTime<Utc>>,
     last_error: Option<String>,
+    /// The configured `fallback`.
+    fallback: Option<String>,
 }
 
 impl Stored {
     fn view(&self) -> AccountStatus {
+        let failover = failover(&self.account, self.fallback.as_deref());
         AccountStatus {
+            failing_over: failover.as_ref().map(Failover::to_string),
+            failover,
             state: self.account.view(tokio::time::Instant::now(), Utc::now()),
             degraded: self.health.degraded.clone(),
             credential_warnings: self
@@ -103,6 +118,13 @@ impl Status {
     pub(crate) fn set_account(&self, name: &str, account: &Account) {
         if let Ok(mut m) = self.accounts.lock() {
             m.entry(name.to_string()).or_default().account = account.clone();
+        }
+    }
+
+    /// Records the account's configured fallback (at start and after a reload).
+    pub(crate) fn set_fallback(&self, name: &str, fallback: Option<String>) {
+        if let Ok(mut m) = self.accounts.lock() {
+            m.entry(name.to_string()).or_default().fallback = fallback;
         }
     }
 

@@ -9,6 +9,8 @@ use super::*;
 use crate::spool::Client;
 use crate::upstream::{Attempt, BoxFuture, Outcome};
 
+mod failover;
+
 /// Replies with the scripted attempts in order (each after its delay), then delivers at once;
 /// records when each call came.
 #[derive(Default)]

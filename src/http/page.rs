@@ -189,6 +189,10 @@ pub async fn status_page(
             _ => "warn",
         };
         let mut problem = Markup::new();
+        // Failover: the paused account's mail goes out through its fallback, say so first.
+        if let Some(f) = a["failing_over"].as_str() {
+            problem.put("<div class=\"warn\" data-failover>{}</div>", &[&f]);
+        }
         for w in a["credential_warnings"].as_array().into_iter().flatten() {
             problem.put("<div class=\"warn\">{}</div>", &[&w.as_str().unwrap_or("")]);
         }

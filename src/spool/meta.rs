@@ -56,6 +56,17 @@ pub struct Recipient {
     /// The last reply or error seen for this recipient, for the administrator.
     #[serde(default)]
     pub last_reply: Option<String>,
+    /// Set when the recipient was delivered through another account than the message's own
+    /// (failover): which one and why. Absent in metas written before failover existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
+}
+
+/// The fallback account that delivered a recipient, and the cause of the failover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Via {
+    pub account: String,
+    pub cause: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +103,7 @@ impl Meta {
                     status: RecipientStatus::Pending,
                     attempts: 0,
                     last_reply: None,
+                    via: None,
                 })
                 .collect(),
             client,
@@ -145,6 +157,10 @@ mod tests {
                 status: RecipientStatus::Pending,
                 attempts: 0,
                 last_reply: None,
+                via: Some(Via {
+                    account: "graph".into(),
+                    cause: "SMTP AUTH is disabled".into(),
+                }),
             }],
             client: Client {
                 ip: "127.0.0.1".parse().unwrap(),
@@ -185,6 +201,8 @@ mod tests {
 }"#;
         let m = Meta::decode(old).unwrap();
         assert_eq!((m.size, m.crc32c, m.deleted_at), (42, None, None));
-        assert!(!String::from_utf8(m.encode()).unwrap().contains("crc32c"));
+        assert_eq!(m.recipients[0].via, None);
+        let text = String::from_utf8(m.encode()).unwrap();
+        assert!(!text.contains("crc32c") && !text.contains("via"), "{text}");
     }
 }

@@ -17,6 +17,7 @@ fn meta() -> Meta {
             status: RecipientStatus::Pending,
             attempts: 0,
             last_reply: None,
+            via: None,
         }],
         client: Client {
             ip: "127.0.0.1".parse().unwrap(),
