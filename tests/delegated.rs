@@ -620,3 +620,40 @@ async fn keep_alive_refresh_rotates_the_grant_even_with_a_fresh_access_token() {
     );
     assert_eq!(fake.delegated().refreshes, 2, "and cached");
 }
+
+/// A delegated account added by a reload, nobody signed in yet: shown paused with the fix at
+/// once, as at start, not "active" until its first mail fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delegated_account_added_by_reload_is_paused_until_a_sign_in() {
+    let fake = FakeExchange::start().await;
+    let f = Files::new(&fake);
+    let relay = TestRelay::start(&relay_config(&fake, &f, "", "")).await;
+    wait_paused(&relay, "never signed in").await;
+    let path = relay.path("exorelay.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let second = text[text.find("[[account]]").unwrap()..text.find("[http]").unwrap()]
+        .replace("name = \"frontdesk\"", "name = \"backdesk\"");
+    std::fs::write(&path, text.replace("[http]", &format!("{second}[http]"))).unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/api/v1/reload", relay.http.unwrap()))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let v = accounts(&relay).await;
+    let backdesk = v["accounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "backdesk")
+        .unwrap_or_else(|| panic!("{v}"))
+        .clone();
+    assert_eq!(backdesk["state"], "paused", "{backdesk}");
+    assert!(
+        backdesk["advice"]
+            .to_string()
+            .contains("exorelay login --account backdesk"),
+        "{backdesk}"
+    );
+}

@@ -683,6 +683,9 @@ impl Forwarder {
         } = r;
         let old = std::mem::replace(&mut self.config, config.clone());
         let mut retried = Vec::new();
+        // Lanes with a new upstream: one that cannot work yet (a delegated account nobody has
+        // signed in to) is shown paused at once, as at start.
+        let mut renewed = Vec::new();
         for a in &config.accounts {
             let max_changed = old
                 .accounts
@@ -697,6 +700,7 @@ impl Forwarder {
                 let lane = Lane::new(upstream, a.max_connections, a.fallback.clone());
                 lane.publish(&a.name, &self.status, &self.metrics);
                 self.lanes.insert(a.name.clone(), lane);
+                renewed.push(a.name.clone());
                 continue;
             };
             lane.fallback = a.fallback.clone();
@@ -715,6 +719,7 @@ impl Forwarder {
                 && let Some(upstream) = fresh
             {
                 lane.upstream = upstream;
+                renewed.push(a.name.clone());
             }
             if (is_changed && !by_admin) || paused_by_error {
                 retried.push(a.name.clone());
@@ -724,6 +729,24 @@ impl Forwarder {
             // "Try now", with a new epoch: results of attempts on the old settings are stale.
             self.apply(name, &Event::AdminResume);
             info!(account = %name, "configuration reloaded; trying the account now");
+        }
+        for name in &renewed {
+            let Some(advice) = self.lanes.get(name).and_then(|l| l.upstream.blocked_at_start())
+            else {
+                continue;
+            };
+            if matches!(
+                self.lanes.get(name).map(|l| &l.state.state),
+                Some(account::State::PausedByAdmin)
+            ) {
+                continue;
+            }
+            warn!(account = %name, cause = %advice.cause, fix = %advice.fix, "account paused until it can work");
+            let event = Event::Finished {
+                epoch: self.lanes.get(name).map(|l| l.state.epoch).unwrap_or(0),
+                signal: Some(AccountSignal::Paused(advice)),
+            };
+            self.apply(name, &event);
         }
         // A fallback added, changed or removed switches over or back now.
         let names: Vec<String> = self.lanes.keys().cloned().collect();
