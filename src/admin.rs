@@ -240,6 +240,23 @@ pub fn accounts_table(v: &serde_json::Value) -> String {
             a["token_expires_at"].as_str().unwrap_or("-"),
             a["last_success"].as_str().unwrap_or("-")
         );
+        if let Some(f) = a["failing_over"].as_str() {
+            let _ = writeln!(out, "    {f}");
+        }
+        match a.get("sign_in") {
+            Some(serde_json::Value::Null) => {
+                let _ = writeln!(out, "    not signed in");
+            }
+            Some(g) => {
+                let _ = writeln!(
+                    out,
+                    "    signed in as {} at {}",
+                    g["user"].as_str().unwrap_or("a user"),
+                    g["at"].as_str().unwrap_or("?")
+                );
+            }
+            None => {}
+        }
         if let Some(adv) = a.get("advice") {
             let _ = writeln!(out, "    cause: {}", adv["cause"].as_str().unwrap_or(""));
             let _ = writeln!(out, "    fix:   {}", adv["fix"].as_str().unwrap_or(""));

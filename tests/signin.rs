@@ -173,6 +173,7 @@ async fn status_page_sign_in_delivers_the_queued_mail_and_refuses_forged_callbac
 
     let page = Page::login(&relay).await;
     let (html, csp) = page.status_page().await;
+    assert!(html.contains("not signed in"), "{html}");
     let csrf = sign_in_csrf(&html);
     // The button's redirect goes on to Entra; the page's form-action must allow that origin.
     let authority = fake.authority();
@@ -259,6 +260,24 @@ async fn status_page_sign_in_delivers_the_queued_mail_and_refuses_forged_callbac
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+
+    // The page and the API say who signed in.
+    let (html, _) = page.status_page().await;
+    assert!(html.contains(&format!("signed in as {MAILBOX}")), "{html}");
+    let accounts: serde_json::Value = page
+        .client
+        .get(format!("{}/api/v1/accounts", page.base))
+        .header("cookie", &page.cookie)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        accounts["accounts"][0]["sign_in"]["user"], MAILBOX,
+        "{accounts}"
+    );
 
     // The same callback again: single use.
     let r = page.get(&back).await;

@@ -731,7 +731,10 @@ impl Forwarder {
             info!(account = %name, "configuration reloaded; trying the account now");
         }
         for name in &renewed {
-            let Some(advice) = self.lanes.get(name).and_then(|l| l.upstream.blocked_at_start())
+            let Some(advice) = self
+                .lanes
+                .get(name)
+                .and_then(|l| l.upstream.blocked_at_start())
             else {
                 continue;
             };

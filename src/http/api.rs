@@ -360,6 +360,18 @@ pub fn account_views(state: &AppState) -> Vec<serde_json::Value> {
             {
                 obj.extend(more);
             }
+            // A delegated account: who signed in and when (from its token file; never the token).
+            if a.auth == crate::config::AccountAuth::Delegated
+                && let Some(obj) = v.as_object_mut()
+            {
+                let grant = crate::oauth::store::TokenStore::new(&a.token_file).load().ok().flatten();
+                obj.insert(
+                    "sign_in".into(),
+                    grant.map_or(serde_json::Value::Null, |g| {
+                        serde_json::json!({"user": g.user, "at": g.obtained_at})
+                    }),
+                );
+            }
             v
         })
         .collect()

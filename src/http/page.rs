@@ -223,6 +223,25 @@ pub async fn status_page(
             .map(ago)
             .unwrap_or_else(|| "-".into());
         let expiry = a["token_expires_at"].as_str().unwrap_or("-");
+        let mut who = Markup::new();
+        match a.get("sign_in") {
+            Some(serde_json::Value::Null) => {
+                who.put("<br><span class=\"bad\">not signed in</span>", &[]);
+            }
+            Some(g) => {
+                let user = g["user"].as_str().unwrap_or("a user");
+                let at = g["at"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok())
+                    .map(ago)
+                    .unwrap_or_default();
+                who.put(
+                    "<br><span class=\"muted\">signed in as {} {}</span>",
+                    &[&user, &at],
+                );
+            }
+            None => {}
+        }
         let mut action = Markup::new();
         if st == "paused" {
             button(&mut action, csrf, "accounts", &name, "resume", "Resume");
@@ -242,12 +261,13 @@ pub async fn status_page(
             );
         }
         h.put(
-            "<tr data-account=\"{}\"><td><b>{}</b> <span class=\"muted\">{} {}</span></td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr data-account=\"{}\"><td><b>{}</b> <span class=\"muted\">{} {}</span>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             &[
                 &name,
                 &name,
                 &text("kind"),
                 &text("mailbox"),
+                &who,
                 &class,
                 &st,
                 &last,
