@@ -194,6 +194,18 @@ pub async fn watch(
             .unwrap_or_default();
         let now = Utc::now();
         let mut per_account: HashMap<String, Vec<Notice>> = HashMap::new();
+        // A credential no longer configured (a secret replaced by a certificate) loses its
+        // series, so its old date does not keep an alert firing.
+        for a in &config.accounts {
+            for credential in crate::metrics::CREDENTIALS {
+                if !found
+                    .iter()
+                    .any(|e| e.account == a.name && e.credential == credential)
+                {
+                    metrics.remove_credential_expiry(&a.name, credential);
+                }
+            }
+        }
         for e in &found {
             metrics.set_credential_expiry(&e.account, e.credential, e.expires.timestamp());
             let Some(n) = notice_for(e, now) else {

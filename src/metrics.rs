@@ -34,6 +34,9 @@ pub struct AccountStateLabels {
 /// Every value of [`AccountStateLabels::state`] but `degraded`; exactly one of them is 1.
 pub const ACCOUNT_STATES: [&str; 5] = ["active", "throttled", "paused", "held", "paused_by_admin"];
 
+/// The `credential` values of `exorelay_credential_expiry_timestamp_seconds`.
+pub const CREDENTIALS: [&str; 2] = ["certificate", "client_secret"];
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `ok` (the new config is in force) or `refused` (the old one stays).
@@ -294,6 +297,25 @@ impl Metrics {
                 credential: credential.to_string(),
             })
             .set(at);
+    }
+
+    pub fn remove_credential_expiry(&self, account: &str, credential: &str) {
+        self.credential_expiry.remove(&CredentialLabels {
+            account: account.to_string(),
+            credential: credential.to_string(),
+        });
+    }
+
+    /// Removes every per-account credential series of `account` (gone from the config), so no
+    /// stale expiry keeps an alert firing.
+    pub fn remove_account_credentials(&self, account: &str) {
+        let label = Self::account(account);
+        self.token_expiry.remove(&label);
+        self.token_requests.remove(&label);
+        self.token_failures.remove(&label);
+        for credential in CREDENTIALS {
+            self.remove_credential_expiry(account, credential);
+        }
     }
 
     /// Sets `exorelay_account_state` for `account`: 1 for `state` (one of [`ACCOUNT_STATES`]),

@@ -925,4 +925,29 @@ smtp_port = {}
         assert!(Instant::now() < deadline, "the old warning stayed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // No expiry date at all: its series goes, so no stale date keeps an alert firing.
+    let series = "exorelay_credential_expiry_timestamp_seconds{account=\"contoso\",credential=\"client_secret\"}";
+    let metrics_url = format!("http://{}/metrics", relay.http.unwrap());
+    let metrics = || async {
+        reqwest::get(metrics_url.as_str())
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
+    assert!(metrics().await.contains(series));
+    let (status, v) = reload(&relay, |t| {
+        t.replace(&format!("client_secret_expires = \"{later}\"\n"), "")
+    })
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metrics().await.contains(series) {
+        assert!(
+            Instant::now() < deadline,
+            "the removed date's series stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -771,6 +771,7 @@ impl Forwarder {
             self.status.remove_account(name);
             // No series of an account that is gone (a stale "paused" would keep alerting).
             self.metrics.account_paused.remove(&Metrics::account(name));
+            self.metrics.remove_account_credentials(name);
             for state in crate::metrics::ACCOUNT_STATES
                 .iter()
                 .chain(["degraded"].iter())
