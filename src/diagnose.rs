@@ -100,6 +100,7 @@ pub async fn doctor(config: &Config, account: Option<&str>) -> Report {
                 }
             }
             AccountKind::Exchange => doctor_exchange(config, a, &mut r).await,
+            AccountKind::Graph => doctor_graph(a, &mut r).await,
         }
     }
     if config
@@ -115,6 +116,10 @@ pub async fn doctor(config: &Config, account: Option<&str>) -> Report {
         "some checks failed; see the fixes above"
     });
     r
+}
+
+async fn doctor_graph(a: &AccountConfig, r: &mut Report) {
+    r.line(format!("account {} (kind = graph)", a.name));
 }
 
 async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {
