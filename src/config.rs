@@ -1595,6 +1595,73 @@ dir = "cap"
     }
 
     #[test]
+    fn graph_account_gets_graph_scope_and_refuses_smtp_keys() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("s");
+        std::fs::write(&secret, "value\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let base = format!(
+            r#"
+hostname = "relay.test"
+[[listener]]
+address = "127.0.0.1:2525"
+[[account]]
+name = "g"
+kind = "graph"
+mailbox = "relay@contoso.com"
+tenant = "contoso.onmicrosoft.com"
+client_id = "abc"
+client_secret_file = "{}"
+"#,
+            secret.display()
+        );
+        let c = parse(&base).expect("valid");
+        assert_eq!(
+            c.accounts[0].scope(),
+            "https://graph.microsoft.com/.default"
+        );
+        assert_eq!(c.accounts[0].graph_root(), "https://graph.microsoft.com");
+        let c = parse(&format!("{base}cloud = \"usgov\"\n")).expect("valid");
+        assert_eq!(c.accounts[0].scope(), "https://graph.microsoft.us/.default");
+        assert_eq!(c.accounts[0].graph_root(), "https://graph.microsoft.us");
+        let c =
+            parse(&format!("{base}graph_url = \"http://127.0.0.1:8080/\"\n")).expect("loopback");
+        assert_eq!(c.accounts[0].graph_root(), "http://127.0.0.1:8080");
+        for (extra, field, words) in [
+            (
+                "smtp_host = \"smtp.office365.com\"",
+                "smtp_host",
+                "not used by kind = \"graph\"",
+            ),
+            (
+                "max_connections = 5",
+                "max_connections",
+                "4 concurrent requests",
+            ),
+            (
+                "graph_url = \"http://graph.example.com\"",
+                "graph_url",
+                "must use https",
+            ),
+            ("auth = \"delegated\"", "auth", "client credentials"),
+        ] {
+            let e = parse(&format!("{base}{extra}\n")).unwrap_err();
+            assert_eq!(
+                e.field.as_deref(),
+                Some(format!("account[0].{field}").as_str()),
+                "{e}"
+            );
+            assert!(e.message.contains(words), "{e}");
+        }
+        let e = parse(&base.replace("client_secret_file", "#")).unwrap_err();
+        assert!(
+            e.message.contains("kind = \"graph\" needs a credential"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn delegated_account_needs_no_secret_and_gets_its_own_scope_and_token_file() {
         let base = r#"
 hostname = "relay.test"

@@ -369,3 +369,70 @@ async fn inbox_listing_shows_dropped_messages() {
         .unwrap();
     assert_eq!(v["value"][0]["subject"], "Undeliverable: scan");
 }
+
+// ---------- doctor and send-test (the real binary) ----------
+
+const BIN: &str = env!("CARGO_BIN_EXE_exorelay");
+
+async fn run_bin(args: Vec<String>) -> (bool, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = std::process::Command::new(BIN)
+            .args(&args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_and_send_test_work_for_graph_accounts() {
+    let fake = FakeGraph::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = creds(SECRET);
+    let path = dir.path().join("exorelay.toml");
+    std::fs::write(
+        &path,
+        config(&fake, &c, "", "").replace("{dir}", &dir.path().display().to_string()),
+    )
+    .unwrap();
+    let cfg = path.display().to_string();
+    let (ok, out) = run_bin(vec!["doctor".into(), "--config".into(), cfg.clone()]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("[ok]   token")
+            && out.contains("roles=Mail.Send Mail.ReadWrite")
+            && out.contains("[ok]   mailbox")
+            && out.contains("scope           https://graph.microsoft.com/.default"),
+        "{out}"
+    );
+    assert!(fake.sent().is_empty(), "doctor sent nothing");
+    // An application access policy that leaves the mailbox out: the fix names the policy.
+    *fake.state.deny_mailbox.lock().unwrap() =
+        Some((403, "ErrorAccessDenied", "Access to OData is disabled."));
+    let (ok, out) = run_bin(vec!["doctor".into(), "--config".into(), cfg.clone()]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("[FAIL] mailbox") && out.contains("Test-ApplicationAccessPolicy"),
+        "{out}"
+    );
+    *fake.state.deny_mailbox.lock().unwrap() = None;
+    let (ok, out) = run_bin(vec![
+        "send-test".into(),
+        "--config".into(),
+        cfg,
+        "--to".into(),
+        "boss@contoso.com".into(),
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let sent = fake.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].recipients, vec!["boss@contoso.com"]);
+}

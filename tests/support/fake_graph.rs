@@ -94,6 +94,9 @@ pub struct GraphState {
     pub largest_request: AtomicUsize,
     /// Each request waits this long (to provoke concurrency).
     pub delay: Mutex<Duration>,
+    /// Every mailbox call is refused with this status and code (an application access policy
+    /// that excludes the mailbox: 403 `ErrorAccessDenied`).
+    pub deny_mailbox: Mutex<Option<(u16, &'static str, &'static str)>>,
     addr: Mutex<Option<SocketAddr>>,
 }
 
@@ -214,7 +217,19 @@ async fn token(
         )
             .into_response();
     }
-    let tok = format!("graph-token-{:016x}", fastrand::u64(..));
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({"aud": "https://graph.microsoft.com", "roles": ["Mail.Send", "Mail.ReadWrite"],
+        "tid": "9999-tenant-guid", "appid": CLIENT_ID, "iat": now, "exp": now + 3599, "jti": format!("{:016x}", fastrand::u64(..))});
+    let tok = format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        URL_SAFE_NO_PAD.encode(fastrand::u64(..).to_be_bytes())
+    );
     st.tokens.lock().unwrap().insert(tok.clone());
     axum::Json(serde_json::json!({"token_type": "Bearer", "expires_in": 3599, "access_token": tok}))
         .into_response()
@@ -259,6 +274,9 @@ async fn enter(
             "Bearer realm=\"\", authorization_uri=\"https://login.microsoftonline.com/common/oauth2/authorize\", error=\"invalid_token\"".parse().unwrap(),
         );
         return Err(r);
+    }
+    if let Some((status, code, message)) = *st.deny_mailbox.lock().unwrap() {
+        return Err(graph_error(status, code, message));
     }
     if !mailbox.eq_ignore_ascii_case(MAILBOX) {
         return Err(graph_error(

@@ -302,6 +302,28 @@ impl Graph {
             .is_some_and(|v| !v.is_empty()))
     }
 
+    /// For `doctor`: lists one message of Sent Items. On a refusal: the advice (when it is an
+    /// account problem) and the answer.
+    pub async fn probe_mailbox(&self) -> Result<(), (Option<Advice>, String)> {
+        let describe = |f: Failure| match f.class {
+            Class::Config(a)
+            | Class::TokenRefused(a)
+            | Class::SenderDenied(a)
+            | Class::Permanent(Some(a)) => (Some(a), f.text),
+            _ => (None, f.text),
+        };
+        let mut url = self
+            .url(&["mailFolders", "sentitems", "messages"])
+            .map_err(describe)?;
+        url.query_pairs_mut()
+            .append_pair("$top", "1")
+            .append_pair("$select", "id");
+        self.call(false, |c| c.get(url.clone()).timeout(REQUEST_TIMEOUT))
+            .await
+            .map(|_| ())
+            .map_err(describe)
+    }
+
     fn timeout_for(bytes: u64) -> Duration {
         REQUEST_TIMEOUT + Duration::from_secs(bytes / 100_000)
     }
