@@ -152,6 +152,10 @@ impl FakeGraph {
         self.state.sent.lock().unwrap().clone()
     }
 
+    pub fn sent_count(&self) -> usize {
+        self.state.sent.lock().unwrap().len()
+    }
+
     pub fn fault(&self, f: Fault) {
         self.state.faults.lock().unwrap().push_back(f);
     }
