@@ -491,8 +491,10 @@ impl Graph {
             if pending.is_empty() {
                 break;
             }
-            let take = pending.len().min(UPLOAD_CHUNK);
-            let chunk: Vec<u8> = pending.drain(..take).collect();
+            // The chunk leaves as it is; only the decoded overhang (under 48 KiB) is copied.
+            let rest = pending.split_off(pending.len().min(UPLOAD_CHUNK));
+            let chunk = std::mem::replace(&mut pending, rest);
+            pending.reserve(UPLOAD_CHUNK);
             let end = offset + chunk.len() as u64;
             if end > size {
                 return Err(Failure::temporary(format!(
