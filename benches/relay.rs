@@ -7,7 +7,10 @@
 //!   --size BYTES [2048]        approximate message size (suffixes K, M)
 //!   --concurrency C [50]       concurrent client connections
 //!   --per-connection M [1]     messages per connection (printers send one)
-//!   --upstream capture|exchange [capture]
+//!   --upstream capture|exchange|graph [capture]
+//!                              graph: the fake Graph (sendMail, base64 MIME over HTTP); messages
+//!                              over Graph's 4 MB request limit go through drafts and upload
+//!                              sessions, so --size above ~3MB sends a multipart message
 //!   --warmup N [0]             first send N messages, unmeasured, and wait for their delivery
 //!   --direct                   also drive the fake Exchange directly (STARTTLS + XOAUTH2 per
 //!                              connection) for the baseline the relay is compared with
@@ -42,7 +45,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: cargo bench --bench relay -- [--messages N] [--size BYTES] \
-[--concurrency C] [--per-connection M] [--upstream capture|exchange] [--warmup N] [--direct]";
+[--concurrency C] [--per-connection M] [--upstream capture|exchange|graph] [--warmup N] [--direct]";
 
 /// Says what is wrong with the command line and exits (status 2), like any command-line tool.
 fn usage(problem: &str) -> ! {
@@ -92,8 +95,10 @@ fn args() -> Args {
             "--concurrency" => a.concurrency = number(&k, &val()).max(1),
             "--per-connection" => a.per_connection = number(&k, &val()).max(1),
             "--upstream" => match val().as_str() {
-                u @ ("capture" | "exchange") => a.upstream = u.into(),
-                other => usage(&format!("--upstream is capture or exchange, not {other:?}")),
+                u @ ("capture" | "exchange" | "graph") => a.upstream = u.into(),
+                other => usage(&format!(
+                    "--upstream is capture, exchange or graph, not {other:?}"
+                )),
             },
             "--direct" => a.direct = true,
             "--warmup" => a.warmup = number(&k, &val()),
@@ -139,7 +144,69 @@ fn unsafe_clk_tck() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
+/// Graph runs with messages over its request limit: [`body_for`] then makes a multipart message
+/// whose bulk is one base64 attachment (Graph uploads it separately; a plain text body of that
+/// size cannot be sent through Graph at all).
+static MULTIPART: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+const ATTACHMENT_HEAD: &str = "Content-Type: application/octet-stream; name=\"bench.bin\"\r\nContent-Transfer-Encoding: base64\r\nContent-Disposition: attachment; filename=\"bench.bin\"";
+
+/// The attachment of message `i` in a multipart run: about `size` bytes once base64-encoded.
+fn attachment_for(i: usize, size: usize) -> Vec<u8> {
+    (0..size / 4 * 3)
+        .map(|k| (k.wrapping_mul(31).wrapping_add(i) % 251) as u8)
+        .collect()
+}
+
+fn base64_lines(data: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(data);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(76)
+        .map(|c| std::str::from_utf8(c).unwrap_or(""))
+        .collect();
+    lines.join("\r\n")
+}
+
+fn multipart_body(i: usize, attachment: Option<&[u8]>) -> Vec<u8> {
+    let part = attachment
+        .map(|a| {
+            format!(
+                "--bench\r\n{ATTACHMENT_HEAD}\r\n\r\n{}\r\n",
+                base64_lines(a)
+            )
+        })
+        .unwrap_or_default();
+    format!("Subject: bench-{i:08}\r\nMessage-ID: <bench-{i}@load>\r\nFrom: scanner@printer.local\r\nTo: boss@example.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"bench\"\r\n\r\n--bench\r\nContent-Type: text/plain\r\n\r\nbench {i}\r\n{part}--bench--\r\n").into_bytes()
+}
+
+/// A message Graph sent through a draft, put back together: the uploaded attachment is
+/// re-encoded into the place the relay took it from (the draft kept everything else).
+fn reassembled(draft_mime: &[u8], attachment: &[u8]) -> Vec<u8> {
+    let closing = b"--bench--\r\n";
+    let Some(at) = draft_mime
+        .windows(closing.len())
+        .rposition(|w| w == closing)
+    else {
+        return draft_mime.to_vec();
+    };
+    let mut out = draft_mime[..at].to_vec();
+    out.extend_from_slice(
+        format!(
+            "--bench\r\n{ATTACHMENT_HEAD}\r\n\r\n{}\r\n",
+            base64_lines(attachment)
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&draft_mime[at..]);
+    out
+}
+
 fn body_for(i: usize, size: usize) -> Vec<u8> {
+    if MULTIPART.get().copied().unwrap_or(false) {
+        return multipart_body(i, Some(&attachment_for(i, size)));
+    }
     let mut b = format!("Subject: bench-{i:08}\r\nMessage-ID: <bench-{i}@load>\r\nFrom: scanner@printer.local\r\nTo: boss@example.com\r\n\r\n").into_bytes();
     let line = format!("{:076}\r\n", i);
     while b.len() + line.len() <= size.max(b.len() + line.len()) && b.len() < size {
@@ -258,8 +325,24 @@ fn write_config(
     port: u16,
     upstream: &str,
     fake: Option<&support::fake_exchange::FakeExchange>,
+    graph: Option<&support::fake_graph::FakeGraph>,
 ) -> PathBuf {
     let account = match (upstream, fake) {
+        ("graph", _) if graph.is_some() => {
+            use std::os::unix::fs::PermissionsExt;
+            let g = graph.unwrap();
+            let secret = dir.join("secret");
+            std::fs::write(&secret, support::fake_graph::SECRET).unwrap();
+            std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+            format!(
+                "[[account]]\nname = \"contoso\"\nkind = \"graph\"\nmailbox = \"{}\"\ntenant = \"{}\"\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\nauthority_url = \"{url}\"\ngraph_url = \"{url}\"\nmax_connections = 4\nmax_messages_per_minute = 1000000\nmax_recipients_per_day = 100000000\n",
+                support::fake_graph::MAILBOX,
+                support::fake_graph::TENANT,
+                support::fake_graph::CLIENT_ID,
+                secret.display(),
+                url = g.url(),
+            )
+        }
         ("exchange", Some(f)) => {
             use std::os::unix::fs::PermissionsExt;
             let secret = dir.join("secret");
@@ -462,6 +545,24 @@ fn fake_on_its_own_runtime() -> support::fake_exchange::FakeExchange {
     rx.recv().expect("the fake Exchange started")
 }
 
+/// The fake Graph on a runtime of its own, for the same reason.
+fn graph_on_its_own_runtime() -> support::fake_graph::FakeGraph {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("fake-graph")
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let _ = tx.send(support::fake_graph::FakeGraph::start().await);
+            std::future::pending::<()>().await
+        });
+    });
+    rx.recv().expect("the fake Graph started")
+}
+
 /// Fsynced rewrites of 2 KB files per second in `dir` from `writers` threads at once.
 fn disk_probe(dir: &Path, writers: usize) -> f64 {
     use std::io::Write;
@@ -515,7 +616,10 @@ async fn run(a: Args) {
         (Some(f), true) => Some(direct_fake(f, a.messages.min(2000), a.size, a.concurrency).await),
         _ => None,
     };
-    let cfg = write_config(dir.path(), port, &a.upstream, fake.as_ref());
+    let graph = (a.upstream == "graph").then(graph_on_its_own_runtime);
+    let _ = MULTIPART.set(a.upstream == "graph" && a.size > 3_000_000);
+    let graph_sent = || graph.as_ref().map(|g| g.sent_count()).unwrap_or(0);
+    let cfg = write_config(dir.path(), port, &a.upstream, fake.as_ref(), graph.as_ref());
     // EXORELAY_BENCH_BIN runs another build (an older commit's) for before/after comparisons.
     let bin = std::env::var_os("EXORELAY_BENCH_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_exorelay").into());
@@ -541,7 +645,7 @@ async fn run(a: Args) {
     // connections and spare spool files; the baseline above also fetched its token untimed.
     if a.warmup > 0 {
         let cap = dir.path().join("capture");
-        let before = fake.as_ref().map(|f| f.delivered_count()).unwrap_or(0);
+        let before = fake.as_ref().map(|f| f.delivered_count()).unwrap_or(0) + graph_sent();
         send_load(
             addr,
             WARMUP_BASE..WARMUP_BASE + a.warmup,
@@ -553,6 +657,7 @@ async fn run(a: Args) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while match &fake {
             Some(f) if a.upstream == "exchange" => f.delivered_count() - before,
+            _ if a.upstream == "graph" => graph_sent() - before,
             _ => count_captured(&cap),
         } < a.warmup
         {
@@ -564,7 +669,7 @@ async fn run(a: Args) {
     let warmup_captured = count_captured(&dir.path().join("capture"));
     let cpu0 = cpu_seconds(pid);
     let (user0, system0) = cpu_split(pid);
-    let delivered_before = fake.as_ref().map(|f| f.delivered_count()).unwrap_or(0);
+    let delivered_before = fake.as_ref().map(|f| f.delivered_count()).unwrap_or(0) + graph_sent();
 
     let start = Instant::now();
     let mut lat = send_load(addr, 0..a.messages, a.concurrency, a.per_connection, a.size).await;
@@ -576,6 +681,7 @@ async fn run(a: Args) {
     let capture = dir.path().join("capture");
     let delivered_now = || match &fake {
         Some(f) if a.upstream == "exchange" => f.delivered_count() - delivered_before,
+        _ if a.upstream == "graph" => graph_sent() - delivered_before,
         _ => count_captured(&capture) - warmup_captured,
     };
     let delivered_during_accept = delivered_now();
@@ -606,6 +712,17 @@ async fn run(a: Args) {
             .into_iter()
             .skip(delivered_before)
             .map(|d| d.data)
+            .collect(),
+        _ if a.upstream == "graph" => graph
+            .as_ref()
+            .map(|g| g.sent())
+            .unwrap_or_default()
+            .into_iter()
+            .skip(delivered_before)
+            .map(|s| match s.attachments.first() {
+                Some((_, _, bytes)) => reassembled(&s.mime, bytes),
+                None => s.mime,
+            })
             .collect(),
         _ => std::fs::read_dir(&capture)
             .unwrap()

@@ -183,6 +183,19 @@ pub enum AccountKind {
     Capture,
     /// Submit to Exchange Online over STARTTLS with AUTH XOAUTH2.
     Exchange,
+    /// Send through Microsoft Graph (`sendMail` with the MIME message; drafts and upload
+    /// sessions for large messages), for tenants with SMTP AUTH turned off.
+    Graph,
+}
+
+impl AccountKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AccountKind::Capture => "capture",
+            AccountKind::Exchange => "exchange",
+            AccountKind::Graph => "graph",
+        }
+    }
 }
 
 /// Microsoft cloud: sets the Entra authority, the token scope and the SMTP host.
@@ -216,6 +229,14 @@ impl Cloud {
             Cloud::Global => "https://outlook.office.com/SMTP.Send offline_access",
             Cloud::Usgov => "https://outlook.office365.us/SMTP.Send offline_access",
             Cloud::China => "https://partner.outlook.cn/SMTP.Send offline_access",
+        }
+    }
+    /// The Microsoft Graph root (scheme and host) of the cloud.
+    pub fn graph_root(self) -> &'static str {
+        match self {
+            Cloud::Global => "https://graph.microsoft.com",
+            Cloud::Usgov => "https://graph.microsoft.us",
+            Cloud::China => "https://microsoftgraph.chinacloudapi.cn",
         }
     }
     pub fn smtp_host(self) -> &'static str {
@@ -301,6 +322,8 @@ pub struct AccountConfig {
     pub scope: Option<String>,
     pub smtp_host: Option<String>,
     pub smtp_port: Option<u16>,
+    /// `graph`: overrides the cloud's Graph root (scheme and host; plain http only on loopback).
+    pub graph_url: Option<String>,
     /// Extra CA certificates (PEM) trusted for SMTP and HTTPS, beside the system roots.
     pub ca_file: Option<PathBuf>,
     #[serde(default = "default_rewrite_from")]
@@ -968,6 +991,14 @@ impl Config {
                     if let Err((k, msg)) = validate_exchange(a) {
                         return Err(here.err(&at(k), msg));
                     }
+                    if a.graph_url.is_some() {
+                        return Err(here.err(&at("graph_url"), "only used by kind = \"graph\""));
+                    }
+                }
+                AccountKind::Graph => {
+                    if let Err((k, msg)) = validate_graph(a) {
+                        return Err(here.err(&at(k), msg));
+                    }
                 }
             }
         }
@@ -1189,7 +1220,7 @@ impl Config {
                         .unwrap_or_default();
                     let _ = writeln!(s, "account {}{default}: kind=capture dir={dir}", a.name);
                 }
-                AccountKind::Exchange => {
+                AccountKind::Exchange | AccountKind::Graph => {
                     let mut credential = match (&a.client_secret_file, &a.certificate_file) {
                         (Some(f), _) => format!("client secret from {} (<redacted>)", f.display()),
                         (None, Some(c)) => {
@@ -1204,17 +1235,20 @@ impl Config {
                             if credential.is_empty() { "" } else { "; " }
                         );
                     }
+                    let endpoint = match a.kind {
+                        AccountKind::Graph => format!("Graph {}", a.graph_root()),
+                        _ => format!("SMTP {}:{}", a.smtp_host(), a.smtp_port()),
+                    };
                     let _ = writeln!(
                         s,
-                        "account {}{default}: kind=exchange mailbox={} tenant={} client_id={} {credential}\n  token endpoint {} scope {}\n  SMTP {}:{} rewrite_from={:?} max_connections={} max_messages_per_minute={} max_recipients_per_day={}",
+                        "account {}{default}: kind={} mailbox={} tenant={} client_id={} {credential}\n  token endpoint {} scope {}\n  {endpoint} rewrite_from={:?} max_connections={} max_messages_per_minute={} max_recipients_per_day={}",
                         a.name,
+                        a.kind.name(),
                         a.mailbox.as_deref().unwrap_or(""),
                         a.tenant.as_deref().unwrap_or(""),
                         a.client_id.as_deref().unwrap_or(""),
                         a.token_url(),
                         a.scope(),
-                        a.smtp_host(),
-                        a.smtp_port(),
                         a.rewrite_from,
                         a.max_connections,
                         a.max_messages_per_minute,
@@ -1243,13 +1277,26 @@ impl AccountConfig {
     pub fn smtp_host(&self) -> &str {
         self.smtp_host.as_deref().unwrap_or(self.cloud.smtp_host())
     }
+    /// `graph`: the Graph root requests go to, without a trailing slash.
+    pub fn graph_root(&self) -> &str {
+        self.graph_url
+            .as_deref()
+            .unwrap_or(self.cloud.graph_root())
+            .trim_end_matches('/')
+    }
     /// The token scope: `scope`, else the cloud's Exchange resource with `/.default`
-    /// (client credentials) or its `SMTP.Send offline_access` (delegated).
-    pub fn scope(&self) -> &str {
-        self.scope.as_deref().unwrap_or(match self.auth {
-            AccountAuth::ClientCredentials => self.cloud.scope(),
-            AccountAuth::Delegated => self.cloud.delegated_scope(),
-        })
+    /// (client credentials) or its `SMTP.Send offline_access` (delegated). A `graph` account
+    /// asks for the cloud's Graph resource with `/.default` (always the cloud's own root, also
+    /// when `graph_url` points elsewhere: the token is for Graph, not for a host).
+    pub fn scope(&self) -> String {
+        if let Some(s) = &self.scope {
+            return s.clone();
+        }
+        match (self.kind, self.auth) {
+            (AccountKind::Graph, _) => format!("{}/.default", self.cloud.graph_root()),
+            (_, AccountAuth::ClientCredentials) => self.cloud.scope().to_string(),
+            (_, AccountAuth::Delegated) => self.cloud.delegated_scope().to_string(),
+        }
     }
     /// `https://<authority>/<tenant>/oauth2/v2.0/<endpoint>` (`authorize`, `devicecode`).
     pub fn entra_url(&self, endpoint: &str) -> String {
@@ -1317,18 +1364,82 @@ fn validate_fallback(a: &AccountConfig, accounts: &[AccountConfig]) -> Result<()
     Ok(())
 }
 
+/// `url` is a URL for https, or plain http on a loopback test server.
+fn check_https_root(key: &'static str, url: &str) -> Result<(), (&'static str, String)> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| (key, format!("{url:?} is not a URL: {e}")))?;
+    let host = parsed.host_str().unwrap_or("");
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback_host(host) => Ok(()),
+        _ => Err((
+            key,
+            format!("{url:?} must use https (plain http only for loopback test servers)"),
+        )),
+    }
+}
+
+/// A `graph` account: the credentials and limits of an `exchange` one, minus SMTP, with Graph's
+/// limit of 4 concurrent requests per mailbox and app-only (client credentials) access.
+fn validate_graph(a: &AccountConfig) -> Result<(), (&'static str, String)> {
+    for (k, set) in [
+        ("smtp_host", a.smtp_host.is_some()),
+        ("smtp_port", a.smtp_port.is_some()),
+    ] {
+        if set {
+            return Err((
+                k,
+                "not used by kind = \"graph\" (it sends over HTTPS)".into(),
+            ));
+        }
+    }
+    if a.auth == AccountAuth::Delegated {
+        return Err((
+            "auth",
+            "kind = \"graph\" uses client credentials (application Mail.Send); remove auth = \"delegated\"".into(),
+        ));
+    }
+    if let Some(url) = &a.graph_url {
+        check_https_root("graph_url", url)?;
+    }
+    if let Some(scope) = &a.scope
+        && !(scope.starts_with("https://") && scope.ends_with("/.default"))
+    {
+        return Err((
+            "scope",
+            format!(
+                "{scope:?} must be the Graph resource of your cloud with /.default, e.g. \"https://dod-graph.microsoft.us/.default\""
+            ),
+        ));
+    }
+    if a.max_connections > 4 {
+        return Err((
+            "max_connections",
+            "Microsoft Graph allows 4 concurrent requests per mailbox; use 1 to 4".into(),
+        ));
+    }
+    // The rest is shared with `exchange`; its SMTP-only checks pass for a graph account
+    // (no scope override reaches them, and max_connections is checked above).
+    let mut shared = a.clone();
+    shared.scope = None;
+    shared.max_connections = shared.max_connections.min(3);
+    validate_exchange(&shared)
+}
+
 fn validate_exchange(a: &AccountConfig) -> Result<(), (&'static str, String)> {
     let required = |k: &'static str, v: &Option<String>| -> Result<(), (&'static str, String)> {
         match v {
             Some(s) if !s.trim().is_empty() => Ok(()),
-            _ => Err((k, format!("kind = \"exchange\" needs `{k}`"))),
+            _ => Err((k, format!("kind = \"{}\" needs `{k}`", a.kind.name()))),
         }
     };
     required("kind", &a.mailbox.as_ref().map(|_| "x".to_string())).map_err(|_| {
         (
             "kind",
-            "kind = \"exchange\" needs `mailbox`, the sending mailbox (e.g. \"relay@contoso.com\")"
-                .to_string(),
+            format!(
+                "kind = \"{}\" needs `mailbox`, the sending mailbox (e.g. \"relay@contoso.com\")",
+                a.kind.name()
+            ),
         )
     })?;
     let mailbox = a.mailbox.as_deref().unwrap_or("");
@@ -1404,24 +1515,15 @@ fn validate_exchange(a: &AccountConfig) -> Result<(), (&'static str, String)> {
         (None, None, _) => {
             return Err((
                 "kind",
-                "kind = \"exchange\" needs a credential: client_secret_file, or certificate_file and private_key_file".into(),
+                format!(
+                    "kind = \"{}\" needs a credential: client_secret_file, or certificate_file and private_key_file",
+                    a.kind.name()
+                ),
             ));
         }
     }
     if let Some(url) = &a.authority_url {
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|e| ("authority_url", format!("{url:?} is not a URL: {e}")))?;
-        let host = parsed.host_str().unwrap_or("");
-        match parsed.scheme() {
-            "https" => {}
-            "http" if is_loopback_host(host) => {}
-            _ => {
-                return Err((
-                    "authority_url",
-                    format!("{url:?} must use https (plain http only for loopback test servers)"),
-                ));
-            }
-        }
+        check_https_root("authority_url", url)?;
     }
     if delegated {
         let name_ok = !a.name.starts_with('.')
@@ -1524,6 +1626,73 @@ dir = "cap"
         assert_eq!(c.queue.max_age, Duration::from_secs(5 * 86400));
         assert_eq!(c.relay.allowed_networks[0].to_string(), "127.0.0.0/8");
         assert_eq!(c.account_for(None).name, "local");
+    }
+
+    #[test]
+    fn graph_account_gets_graph_scope_and_refuses_smtp_keys() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("s");
+        std::fs::write(&secret, "value\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let base = format!(
+            r#"
+hostname = "relay.test"
+[[listener]]
+address = "127.0.0.1:2525"
+[[account]]
+name = "g"
+kind = "graph"
+mailbox = "relay@contoso.com"
+tenant = "contoso.onmicrosoft.com"
+client_id = "abc"
+client_secret_file = "{}"
+"#,
+            secret.display()
+        );
+        let c = parse(&base).expect("valid");
+        assert_eq!(
+            c.accounts[0].scope(),
+            "https://graph.microsoft.com/.default"
+        );
+        assert_eq!(c.accounts[0].graph_root(), "https://graph.microsoft.com");
+        let c = parse(&format!("{base}cloud = \"usgov\"\n")).expect("valid");
+        assert_eq!(c.accounts[0].scope(), "https://graph.microsoft.us/.default");
+        assert_eq!(c.accounts[0].graph_root(), "https://graph.microsoft.us");
+        let c =
+            parse(&format!("{base}graph_url = \"http://127.0.0.1:8080/\"\n")).expect("loopback");
+        assert_eq!(c.accounts[0].graph_root(), "http://127.0.0.1:8080");
+        for (extra, field, words) in [
+            (
+                "smtp_host = \"smtp.office365.com\"",
+                "smtp_host",
+                "not used by kind = \"graph\"",
+            ),
+            (
+                "max_connections = 5",
+                "max_connections",
+                "4 concurrent requests",
+            ),
+            (
+                "graph_url = \"http://graph.example.com\"",
+                "graph_url",
+                "must use https",
+            ),
+            ("auth = \"delegated\"", "auth", "client credentials"),
+        ] {
+            let e = parse(&format!("{base}{extra}\n")).unwrap_err();
+            assert_eq!(
+                e.field.as_deref(),
+                Some(format!("account[0].{field}").as_str()),
+                "{e}"
+            );
+            assert!(e.message.contains(words), "{e}");
+        }
+        let e = parse(&base.replace("client_secret_file", "#")).unwrap_err();
+        assert!(
+            e.message.contains("kind = \"graph\" needs a credential"),
+            "{e}"
+        );
     }
 
     #[test]

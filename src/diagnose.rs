@@ -100,12 +100,13 @@ pub async fn doctor(config: &Config, account: Option<&str>) -> Report {
                 }
             }
             AccountKind::Exchange => doctor_exchange(config, a, &mut r).await,
+            AccountKind::Graph => doctor_graph(config, a, &mut r).await,
         }
     }
     if config
         .accounts
         .iter()
-        .any(|a| a.kind == AccountKind::Exchange)
+        .any(|a| matches!(a.kind, AccountKind::Exchange | AccountKind::Graph))
     {
         r.line("note: Exchange reports some refusals only later, as a non-delivery report into the sending mailbox (5.7.708 IP not accepted, 5.7.705/5.7.750 tenant sending limits): watch that mailbox's inbox after the first messages.");
     }
@@ -115,6 +116,83 @@ pub async fn doctor(config: &Config, account: Option<&str>) -> Report {
         "some checks failed; see the fixes above"
     });
     r
+}
+
+/// A `graph` account: credential, token (claims: `Mail.Send`, `Mail.ReadWrite`), then a
+/// read of the mailbox's Sent Items, which shows mailbox access, application access policies
+/// and the permission the Sent Items check needs. Nothing is sent.
+async fn doctor_graph(config: &Config, a: &AccountConfig, r: &mut Report) {
+    r.line(format!("account {} (kind = graph)", a.name));
+    let mailbox = a.mailbox.as_deref().unwrap_or("");
+    r.line(format!("  mailbox         {mailbox}"));
+    r.line(format!("  token endpoint  {}", a.token_url()));
+    r.line(format!("  scope           {}", a.scope()));
+    r.line(format!(
+        "  Graph           {}/v1.0/users/{mailbox}",
+        a.graph_root()
+    ));
+    if let (Some(cert), Some(key)) = (&a.certificate_file, &a.private_key_file) {
+        certificate_check(cert, key, a, r);
+    }
+    let tokens = match TokenManager::new(a) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            return r.fail(
+                "credential",
+                e,
+                "check client_secret_file / certificate_file / private_key_file",
+            );
+        }
+    };
+    match tokens.token().await {
+        Ok(t) => {
+            let left = t.expires_at.saturating_duration_since(Instant::now());
+            r.pass(
+                "token",
+                format!(
+                    "obtained from Entra, valid for {}",
+                    humantime::format_duration(Duration::from_secs(left.as_secs()))
+                ),
+            );
+            if let Some(c) = decode_claims(t.secret()) {
+                let roles = claim_list(&c["roles"]);
+                r.line(format!(
+                    "         claims: aud={} roles={roles} tid={}",
+                    claim_list(&c["aud"]),
+                    claim_list(&c["tid"])
+                ));
+                clock_check(&c, r);
+                for role in ["Mail.Send", "Mail.ReadWrite"] {
+                    if !roles.split_whitespace().any(|x| x == role) {
+                        r.line(format!("         note: the token has no {role} role; add the Microsoft Graph application permission {role} and grant admin consent"));
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            let code = e.code.map(|c| format!(" [AADSTS{c}]")).unwrap_or_default();
+            return r.fail("token", format!("{}{code}", e.advice.cause), e.advice.fix);
+        }
+    }
+    let graph = match crate::upstream::graph::Graph::new(a, &config.hostname, tokens) {
+        Ok(g) => g,
+        Err(e) => return r.fail("Graph setup", e, "check graph_url and ca_file"),
+    };
+    match graph.probe_mailbox().await {
+        Ok(()) => r.pass(
+            "mailbox",
+            format!("Graph lets the app read {mailbox}'s Sent Items (nothing sent)"),
+        ),
+        Err((Some(advice), text)) => r.fail("mailbox", format!("{} [{text}]", advice.cause), advice.fix),
+        Err((None, text)) => r.fail(
+            "mailbox",
+            text,
+            "check that this machine may reach the Graph host on port 443, and the app's Mail.ReadWrite permission",
+        ),
+    }
+    if a.rewrite_from == crate::config::RewriteFrom::Never {
+        r.line("         note: rewrite_from = \"never\": each device's From: needs SendAs; test one with: exorelay send-test --from <device address> --to <you>");
+    }
 }
 
 async fn doctor_exchange(config: &Config, a: &AccountConfig, r: &mut Report) {

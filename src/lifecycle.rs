@@ -95,7 +95,7 @@ pub fn expiries(config: &Config) -> Vec<Expiry> {
     for a in config
         .accounts
         .iter()
-        .filter(|a| a.kind == AccountKind::Exchange)
+        .filter(|a| matches!(a.kind, AccountKind::Exchange | AccountKind::Graph))
     {
         if let Some(expires) = certificate_expiry(a) {
             out.push(Expiry {

@@ -306,6 +306,14 @@ pub fn upstream_for(
             crate::oauth::keepalive::spawn(&tokens);
             Arc::new(Exchange::new(a, &config.hostname, tokens).map_err(err)?)
         }
+        AccountKind::Graph => {
+            let tokens = Arc::new(
+                crate::oauth::TokenManager::new(a)
+                    .map_err(err)?
+                    .with_metrics(metrics.clone()),
+            );
+            Arc::new(crate::upstream::graph::Graph::new(a, &config.hostname, tokens).map_err(err)?)
+        }
     })
 }
 

@@ -351,7 +351,7 @@ pub fn account_views(state: &AppState) -> Vec<serde_json::Value> {
             let expiry = state.metrics.token_expiry.get_or_create(&label).get();
             let mut v = serde_json::json!({
                 "name": a.name,
-                "kind": match a.kind { crate::config::AccountKind::Capture => "capture", crate::config::AccountKind::Exchange => "exchange" },
+                "kind": a.kind.name(),
                 "mailbox": a.mailbox,
                 "token_expires_at": (expiry > 0).then(|| DateTime::<Utc>::from_timestamp(expiry, 0)).flatten(),
             });

@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod exchange;
+pub mod graph;
 
 use std::future::Future;
 use std::path::PathBuf;

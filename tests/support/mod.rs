@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod fake_exchange;
+pub mod fake_graph;
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};

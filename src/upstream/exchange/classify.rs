@@ -8,6 +8,11 @@
 //! server names and correlation IDs. Where in the dialogue a reply came matters: a 5xx before
 //! the envelope (greeting, EHLO, AUTH) says nothing about the message and everything about the
 //! account's path to Exchange, so it pauses the account and never bounces mail.
+//!
+//! Microsoft Graph's answers (the `graph` account kind) are rows of the same table, in the
+//! [`Phase::Graph`] phase: there `code` is the HTTP status and `any_text` lists Graph error
+//! codes, compared whole (case-insensitive) with every `code` of the error and its nested
+//! `innerError`s, never with the message text (see [`classify_graph`]).
 
 use std::time::Duration;
 
@@ -43,6 +48,8 @@ pub enum Phase {
     Auth,
     /// MAIL FROM, RCPT TO, DATA and the end of the message.
     Transaction,
+    /// A Microsoft Graph request (the `graph` account kind).
+    Graph,
 }
 
 /// Account facts quoted in the advice.
@@ -57,6 +64,8 @@ pub struct Ctx<'a> {
 pub enum Action {
     Retry,
     Throttle,
+    /// Graph: wait for `Retry-After`.
+    WaitRetryAfter,
     Pause,
     RefreshThenPause,
     Hold,
@@ -71,6 +80,9 @@ impl Action {
         match self {
             Action::Retry => "retry with backoff until `max_age`",
             Action::Throttle => "wait one rate window (not counted as a failure)",
+            Action::WaitRetryAfter => {
+                "wait as long as `Retry-After` says (a minute without it; not counted as a failure)"
+            }
             Action::Pause => "**pause** the account",
             Action::RefreshThenPause => {
                 "fetch a fresh token and log in once more; if refused again, **pause** the account"
@@ -109,6 +121,7 @@ pub struct Signature {
 
 const ANY: &[Phase] = &[];
 const BEFORE_ENVELOPE: &[Phase] = &[Phase::Connect, Phase::Auth];
+const GRAPH: &[Phase] = &[Phase::Graph];
 
 fn no_advice(_: &Ctx<'_>, text: &str) -> Advice {
     Advice::new(text.to_string(), String::new())
@@ -422,6 +435,152 @@ pub static SIGNATURES: &[Signature] = &[
             )
         },
     },
+    Signature {
+        reply: "Graph `429 Too Many Requests` (`ApplicationThrottled`, MailboxConcurrency) with `Retry-After`",
+        matches: Match {
+            code: Some(429),
+            enhanced: None,
+            any_text: &[],
+            phases: GRAPH,
+        },
+        action: Action::WaitRetryAfter,
+        advice: no_advice,
+    },
+    Signature {
+        reply: "Graph `503 Service Unavailable` with `Retry-After`",
+        matches: Match {
+            code: Some(503),
+            enhanced: None,
+            any_text: &[],
+            phases: GRAPH,
+        },
+        action: Action::WaitRetryAfter,
+        advice: no_advice,
+    },
+    Signature {
+        reply: "Graph `504 Gateway Timeout` (the mail may have gone out: the retry looks in Sent Items first)",
+        matches: Match {
+            code: Some(504),
+            enhanced: None,
+            any_text: &[],
+            phases: GRAPH,
+        },
+        action: Action::WaitRetryAfter,
+        advice: no_advice,
+    },
+    Signature {
+        reply: "Graph `401` (`InvalidAuthenticationToken`, `WWW-Authenticate: Bearer error=...`)",
+        matches: Match {
+            code: Some(401),
+            enhanced: None,
+            any_text: &[],
+            phases: GRAPH,
+        },
+        action: Action::RefreshThenPause,
+        advice: |c, t| {
+            Advice::new(
+                format!("Microsoft Graph refused the access token ({t})."),
+                format!(
+                    "Check that app {} has the Microsoft Graph application permission Mail.Send with admin consent (Entra admin center > App registrations > API permissions), that the token is for Graph of the account's cloud (exorelay doctor shows its audience and roles) and that this machine's clock is right.",
+                    c.client_id
+                ),
+            )
+        },
+    },
+    Signature {
+        reply: "Graph `403 ErrorSendAsDenied`",
+        matches: Match {
+            code: None,
+            enhanced: None,
+            any_text: &["ErrorSendAsDenied"],
+            phases: GRAPH,
+        },
+        action: Action::PauseOrHoldSender,
+        advice: |c, t| {
+            let m = c.mailbox;
+            let fix = match c.rewrite_from {
+                RewriteFrom::Never => format!(
+                    "Grant SendAs for the device's sender address: Add-RecipientPermission -Identity <sender address> -AccessRights SendAs -Trustee {m}; or set rewrite_from = \"always\" on this account so mail is sent as {m}."
+                ),
+                RewriteFrom::Always => format!(
+                    "rewrite_from is already \"always\", so the message was sent as {m}: check that mailbox is the primary SMTP address of the mailbox the Graph URL names."
+                ),
+            };
+            Advice::new(
+                format!(
+                    "Graph refused to send as the message's From: address from mailbox {m} ({t})."
+                ),
+                fix,
+            )
+        },
+    },
+    Signature {
+        reply: "Graph `403 ErrorAccessDenied` (`Access to OData is disabled.`: application access policy or RBAC scope)",
+        matches: Match {
+            code: None,
+            enhanced: None,
+            any_text: &["ErrorAccessDenied", "AccessDenied"],
+            phases: GRAPH,
+        },
+        action: Action::Pause,
+        advice: |c, t| {
+            let (m, app) = (c.mailbox, c.client_id);
+            Advice::new(
+                format!("Microsoft Graph denied app {app} access to mailbox {m} ({t})."),
+                format!(
+                    "An application access policy or an RBAC for Applications scope excludes {m}: check with Test-ApplicationAccessPolicy -Identity {m} -AppId {app} (add {m} to the policy's mail-enabled security group) or Test-ServicePrincipalAuthorization -Identity <service principal ObjectId> -Resource {m} (widen the management scope of the \"Application Mail.Send\" role assignment). Changes can take more than an hour. Also check the app has Mail.Send (application) with admin consent."
+                ),
+            )
+        },
+    },
+    Signature {
+        reply: "Graph `MailboxNotEnabledForRESTAPI` / `ErrorInvalidUser`",
+        matches: Match {
+            code: None,
+            enhanced: None,
+            any_text: &[
+                "MailboxNotEnabledForRESTAPI",
+                "MailboxNotSupportedForRESTAPI",
+                "ErrorInvalidUser",
+            ],
+            phases: GRAPH,
+        },
+        action: Action::Pause,
+        advice: |c, t| {
+            let m = c.mailbox;
+            Advice::new(
+                format!(
+                    "Microsoft Graph cannot send from {m}: it is not an Exchange Online mailbox Graph can use ({t})."
+                ),
+                format!(
+                    "Check that {m} is the primary SMTP address (or the user principal name) of a licensed Exchange Online user or shared mailbox in this tenant (Get-EXOMailbox -Identity {m}); on-premises and unlicensed mailboxes cannot send through Graph."
+                ),
+            )
+        },
+    },
+    Signature {
+        reply: "Graph `413 Request Entity Too Large` / `ErrorMessageSizeExceeded`",
+        matches: Match {
+            code: None,
+            enhanced: None,
+            any_text: &[
+                "ErrorMessageSizeExceeded",
+                "RequestEntityTooLarge",
+                "ErrorRequestEntityTooLarge",
+            ],
+            phases: GRAPH,
+        },
+        action: Action::Bounce,
+        advice: |c, t| {
+            Advice::new(
+                format!("Microsoft Graph refused the message as too large ({t})."),
+                format!(
+                    "The mailbox's send limit applies (default 35 MB, attachments grow by a third in base64): Set-Mailbox -Identity {} -MaxSendSize 150MB, or send smaller files.",
+                    c.mailbox
+                ),
+            )
+        },
+    },
 ];
 
 /// The advice for a refused token (535 5.7.3), also after the one refresh.
@@ -505,6 +664,53 @@ impl Match {
     }
 }
 
+impl Signature {
+    fn matches_graph(&self, status: u16, codes: &[String]) -> bool {
+        let m = &self.matches;
+        if !m.phases.contains(&Phase::Graph) {
+            return false;
+        }
+        m.code.is_none_or(|c| c == status)
+            && (m.any_text.is_empty()
+                || codes
+                    .iter()
+                    .any(|c| m.any_text.iter().any(|f| c.eq_ignore_ascii_case(f))))
+    }
+}
+
+/// Classifies a Graph answer: `status` is the HTTP status, `codes` the error's `code` and those
+/// of its nested `innerError`s, outermost first; `shown` is what the log and advice quote.
+/// `retry_after` is the answer's `Retry-After` (seconds), honoured for throttling. Anything not
+/// in the table: 5xx is temporary, any other 4xx fails the message.
+pub fn classify_graph(
+    status: u16,
+    codes: &[String],
+    shown: &str,
+    retry_after: Option<Duration>,
+    ctx: &Ctx<'_>,
+) -> Class {
+    let throttle = || Class::Throttled(retry_after.unwrap_or(Duration::from_secs(60)));
+    if let Some(s) = SIGNATURES.iter().find(|s| s.matches_graph(status, codes)) {
+        let advice = || (s.advice)(ctx, shown);
+        return match s.action {
+            Action::Retry => Class::Temporary,
+            Action::Throttle | Action::WaitRetryAfter => throttle(),
+            Action::Pause => Class::Config(advice()),
+            Action::RefreshThenPause => Class::TokenRefused(advice()),
+            Action::Hold => Class::Quota,
+            Action::PauseOrHoldSender if ctx.rewrite_from == RewriteFrom::Never => {
+                Class::SenderDenied(advice())
+            }
+            Action::PauseOrHoldSender => Class::Config(advice()),
+            Action::Bounce => Class::Permanent(Some(advice())),
+        };
+    }
+    match status {
+        500..=599 | 408 => Class::Temporary,
+        _ => Class::Permanent(None),
+    }
+}
+
 /// The signature a reply matches, if any.
 pub fn signature(phase: Phase, code: u16, text: &str) -> Option<&'static Signature> {
     let lower = text.to_ascii_lowercase();
@@ -520,7 +726,7 @@ pub fn classify(phase: Phase, code: u16, text: &str, ctx: &Ctx<'_>) -> Class {
         let advice = || (s.advice)(ctx, shown);
         return match s.action {
             Action::Retry => Class::Temporary,
-            Action::Throttle => Class::Throttled(Duration::from_secs(60)),
+            Action::Throttle | Action::WaitRetryAfter => Class::Throttled(Duration::from_secs(60)),
             Action::Pause => Class::Config(advice()),
             Action::RefreshThenPause => Class::TokenRefused(advice()),
             Action::Hold => Class::Quota,
@@ -608,6 +814,14 @@ pub fn readme_table() -> String {
     ));
     out.push_str(&format!(
         "| any other 5xx to MAIL, RCPT or DATA | {} |\n",
+        Action::Bounce.describe()
+    ));
+    out.push_str(&format!(
+        "| Graph: any other 5xx, a timeout or a dropped connection | {} (a retry first looks for the message in Sent Items, see \"Sending through Microsoft Graph\") |\n",
+        Action::Retry.describe()
+    ));
+    out.push_str(&format!(
+        "| Graph: any other 4xx | {} |\n",
         Action::Bounce.describe()
     ));
     out
@@ -793,6 +1007,60 @@ mod tests {
             panic!("{never:?}")
         };
         assert!(a.fix.contains("set rewrite_from = \"always\""), "{a:?}");
+    }
+
+    #[test]
+    fn graph_answers_take_their_table_action_by_code_not_message() {
+        let g = |status: u16, codes: &[&str], rf: RewriteFrom| {
+            let codes: Vec<String> = codes.iter().map(|c| c.to_string()).collect();
+            classify_graph(status, &codes, "x", Some(Duration::from_secs(7)), &ctx(rf))
+        };
+        let always = RewriteFrom::Always;
+        assert_eq!(
+            g(429, &["ApplicationThrottled"], always),
+            Class::Throttled(Duration::from_secs(7))
+        );
+        assert_eq!(
+            g(503, &[], always),
+            Class::Throttled(Duration::from_secs(7))
+        );
+        assert_eq!(
+            g(504, &[], always),
+            Class::Throttled(Duration::from_secs(7))
+        );
+        assert!(matches!(
+            g(401, &["InvalidAuthenticationToken"], always),
+            Class::TokenRefused(_)
+        ));
+        assert!(matches!(
+            g(403, &["ErrorSendAsDenied"], RewriteFrom::Never),
+            Class::SenderDenied(_)
+        ));
+        assert!(matches!(
+            g(403, &["ErrorSendAsDenied"], always),
+            Class::Config(_)
+        ));
+        // The code may sit in a nested innerError.
+        assert!(
+            fix(g(403, &["Forbidden", "ErrorAccessDenied"], always))
+                .contains("Test-ApplicationAccessPolicy")
+        );
+        assert!(
+            fix(g(404, &["MailboxNotEnabledForRESTAPI"], always))
+                .contains("licensed Exchange Online")
+        );
+        assert!(fix(g(413, &["RequestEntityTooLarge"], always)).contains("MaxSendSize"));
+        // Codes are compared whole: a longer code is not its prefix.
+        assert_eq!(
+            g(400, &["ErrorSendAsDeniedSomething"], always),
+            Class::Permanent(None)
+        );
+        assert_eq!(g(500, &["InternalServerError"], always), Class::Temporary);
+        // SMTP replies never match Graph rows, nor Graph answers SMTP rows.
+        assert_eq!(
+            classify(Phase::Transaction, 429, "4.7.0 x", &ctx(always)),
+            Class::Temporary
+        );
     }
 
     #[test]
