@@ -266,6 +266,22 @@ fn lane_for(lanes: &HashMap<String, Lane>, default: &str, id: &str, account: &st
     default.to_string()
 }
 
+/// Changes the number of permits of `sem` from `from` to `to`. Growing adds them at once;
+/// shrinking takes permits as attempts give them back and never returns them.
+fn resize(sem: &Arc<Semaphore>, from: usize, to: usize) {
+    if to >= from {
+        sem.add_permits(to - from);
+        return;
+    }
+    let excess = (from - to) as u32;
+    let sem = sem.clone();
+    tokio::spawn(async move {
+        if let Ok(p) = sem.acquire_many_owned(excess).await {
+            p.forget();
+        }
+    });
+}
+
 /// A persisted wall time as an instant on the forwarder's clock (the past becomes now).
 fn instant_of(at: DateTime<Utc>) -> Instant {
     Instant::now() + (at - Utc::now()).to_std().unwrap_or_default()
@@ -713,10 +729,22 @@ impl Forwarder {
             };
             lane.fallback = a.fallback.clone();
             self.status.set_fallback(&a.name, a.fallback.clone());
-            if max_changed {
-                // Attempts running keep the permits of the old budget; new ones use the new.
-                lane.slots = Arc::new(Semaphore::new(a.max_connections.saturating_mul(2)));
-                lane.connections = Arc::new(Semaphore::new(a.max_connections));
+            if let Some(before) = old
+                .accounts
+                .iter()
+                .find(|o| o.name == a.name)
+                .map(|o| o.max_connections)
+                && max_changed
+            {
+                // Resized, not replaced: attempts running hold permits of the same semaphore,
+                // so the account never has more connections than the new limit allows once
+                // they finish (Exchange allows 3 per mailbox).
+                resize(
+                    &lane.slots,
+                    before.saturating_mul(2),
+                    a.max_connections.saturating_mul(2),
+                );
+                resize(&lane.connections, before, a.max_connections);
             }
             let paused_by_error = matches!(lane.state.state, account::State::Paused { .. });
             let by_admin = matches!(lane.state.state, account::State::PausedByAdmin);
@@ -726,6 +754,19 @@ impl Forwarder {
             if (is_changed || paused_by_error)
                 && let Some(upstream) = fresh
             {
+                // The same mailbox keeps Exchange's counts: a reload must not reopen the
+                // per-minute window or the daily recipient budget.
+                let same_mailbox = old
+                    .accounts
+                    .iter()
+                    .find(|o| o.name == a.name)
+                    .is_some_and(|o| o.mailbox == a.mailbox && o.kind == a.kind);
+                if same_mailbox
+                    && let (Some(new), Some(before)) = (upstream.pacer(), lane.upstream.pacer())
+                    && !new.inherit(before)
+                {
+                    warn!(account = %a.name, "the reload could not carry the sending counts over; they start afresh");
+                }
                 lane.upstream = upstream;
                 renewed.push(a.name.clone());
             }

@@ -79,4 +79,10 @@ pub trait Upstream: Send + Sync {
     fn blocked_at_start(&self) -> Option<Advice> {
         None
     }
+
+    /// The mailbox's pacing (rate window, daily recipients), for a reload to carry over to
+    /// the upstream that replaces this one.
+    fn pacer(&self) -> Option<&exchange::pacer::Pacer> {
+        None
+    }
 }

@@ -955,4 +955,8 @@ impl Upstream for Exchange {
     fn blocked_at_start(&self) -> Option<Advice> {
         self.tokens.blocked_at_start()
     }
+
+    fn pacer(&self) -> Option<&crate::upstream::exchange::pacer::Pacer> {
+        Some(&self.pacer)
+    }
 }

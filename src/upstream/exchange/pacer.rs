@@ -67,6 +67,34 @@ impl Pacer {
         }
     }
 
+    /// Takes over what `old` (the same mailbox's pacer before a reload rebuilt the upstream)
+    /// has counted, so a reload never restarts Exchange's per-minute window or the daily
+    /// recipient budget from zero. Sends still in flight on `old` count as made now. Returns
+    /// false when either was busy at that instant (each lock is held for a few instructions).
+    pub fn inherit(&self, old: &Pacer) -> bool {
+        let now = Instant::now();
+        let taken = {
+            let Ok(o) = old.state.try_lock() else {
+                return false;
+            };
+            let mut sends = o.sends.clone();
+            sends.extend(std::iter::repeat_n(now, o.in_flight));
+            let mut day = o.day.clone();
+            if o.day_in_flight > 0 {
+                day.push_back((now, o.day_in_flight));
+            }
+            (sends, day)
+        };
+        let Ok(mut s) = self.state.try_lock() else {
+            return false;
+        };
+        let (sends, day) = taken;
+        s.sends = sends;
+        s.day = day;
+        s.prune(now, self.window);
+        true
+    }
+
     /// Waits for a send slot for a message to `recipients` recipients. `Err(wait)` when the
     /// daily recipient budget is used up: the account should hold for `wait`.
     pub async fn acquire(&self, recipients: usize) -> Result<Slot, Duration> {
@@ -154,5 +182,31 @@ mod tests {
         let wait = p.acquire(2).await.err().unwrap();
         assert!(wait > Duration::from_secs(23 * 3600));
         assert!(p.acquire(1).await.is_ok());
+    }
+
+    /// The pacer a reload builds for the same mailbox continues the old one's counts: the
+    /// window's sends (and those in flight) and the day's recipients.
+    #[tokio::test(start_paused = true)]
+    async fn a_rebuilt_pacer_continues_the_counts() {
+        let old = Pacer::new(3, Duration::from_secs(10), 5);
+        for _ in 0..2 {
+            let slot = old.acquire(2).await.unwrap();
+            old.finish(slot, true, 2).await;
+        }
+        let _in_flight = old.acquire(1).await.unwrap();
+        let new = Pacer::new(3, Duration::from_secs(10), 5);
+        assert!(new.inherit(&old));
+        // The day's 5 recipients are used up (4 sent, 1 in flight).
+        assert!(new.acquire(1).await.is_err(), "daily budget reopened");
+        let fresh = Pacer::new(3, Duration::from_secs(10), 100);
+        assert!(fresh.inherit(&old));
+        // Three sends in this window: the next waits for the window to move on.
+        let start = Instant::now();
+        let slot = fresh.acquire(1).await.unwrap();
+        fresh.finish(slot, true, 1).await;
+        assert!(
+            Instant::now().duration_since(start) >= Duration::from_secs(9),
+            "the per-minute window reopened"
+        );
     }
 }

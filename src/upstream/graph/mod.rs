@@ -716,4 +716,8 @@ impl Upstream for Graph {
     fn blocked_at_start(&self) -> Option<Advice> {
         self.tokens.blocked_at_start()
     }
+
+    fn pacer(&self) -> Option<&crate::upstream::exchange::pacer::Pacer> {
+        Some(&self.pacer)
+    }
 }
