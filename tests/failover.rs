@@ -299,3 +299,62 @@ async fn a_blocked_fallback_keeps_mail_queued() {
     assert_eq!(second.delivered().len(), 1, "once");
     assert!(fake.delivered().is_empty());
 }
+
+/// The documented use: SMTP AUTH switched off for the mailbox (5.7.139), and its mail goes out
+/// through Microsoft Graph (`kind = "graph"`, the fake Graph) until SMTP works again.
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_to_graph_on_5_7_139_and_back() {
+    use support::fake_graph::{FakeGraph, SECRET as GRAPH_SECRET};
+    let fake = FakeExchange::start().await;
+    let graph = FakeGraph::start().await;
+    let files = Files::new(&[&fake]);
+    let graph_secret = files.dir.path().join("graph.secret");
+    std::fs::write(&graph_secret, format!("{GRAPH_SECRET}\n")).unwrap();
+    std::fs::set_permissions(&graph_secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let accounts = files.exchange("contoso", &fake, 0, "fallback = \"graphout\"")
+        + &format!(
+            r#"
+[[account]]
+name = "graphout"
+kind = "graph"
+mailbox = "{MAILBOX}"
+tenant = "{TENANT}"
+client_id = "{CLIENT_ID}"
+client_secret_file = "{}"
+authority_url = "{url}"
+graph_url = "{url}"
+"#,
+            graph_secret.display(),
+            url = graph.url(),
+        );
+    let relay = TestRelay::start(&files.relay(&accounts)).await;
+    fake.faults().auth_always = Some(AUTH_DISABLED.into());
+
+    submit(&relay, "through graph").await;
+    eventually("sent through Graph", async || graph.sent_count() == 1).await;
+    let a = account(&relay, "contoso").await;
+    assert!(
+        a["failing_over"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("failing over to graphout: ")),
+        "{a}"
+    );
+    let sent = graph.sent();
+    assert_eq!(sent[0].recipients, ["boss@contoso.com"]);
+    assert!(String::from_utf8_lossy(&sent[0].mime).contains("Subject: through graph"));
+    assert!(fake.delivered().is_empty());
+
+    fake.faults().auth_always = None;
+    wait_probe_due(&relay).await;
+    submit(&relay, "through smtp").await;
+    eventually("the probe delivers over SMTP", async || {
+        fake.delivered().len() == 1
+    })
+    .await;
+    eventually("switched back", async || {
+        account(&relay, "contoso").await["failing_over"].is_null()
+    })
+    .await;
+    eventually("the queue empties", async || queued(&relay) == 0).await;
+    assert_eq!(graph.sent_count(), 1, "each message once");
+}
